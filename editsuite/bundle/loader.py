@@ -1,0 +1,248 @@
+"""`load_bundle`: from a diffusers folder, a single-file checkpoint or a hub id to a `ModelBundle`."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from editsuite.bundle.manifest import Manifest, ModelKind, manifest_from_configs
+from editsuite.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BACKENDS = ("auto", "torch", "coreml")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+
+
+@dataclasses.dataclass
+class ModelBundle:
+    """The shared modules of one model, on one backend, plus what the loop needs to drive them."""
+
+    manifest: Manifest
+    tokenizer: Any  # transformers CLIPTokenizer
+    backend: Any  # TorchBackend or the Core ML backend: encode_text / unet / vae_encode / vae_decode
+    scheduler_config: dict  # the model's own scheduler config (diffusers format)
+    low_res_scheduler: Any = None  # x4 upscaler only: DDPMScheduler that noises the low-res input
+    weights_path: Path | None = None  # file hashed for the "Model hash" shown in PNG metadata
+
+    @property
+    def kind(self) -> ModelKind:
+        return self.manifest.kind
+
+    @property
+    def device(self) -> torch.device:
+        return self.backend.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backend.dtype
+
+    def identity(self) -> dict:
+        """What the model is, for metadata: the manifest plus the weights' hash (computed once)."""
+        if not self.manifest.model_hash and self.weights_path is not None:
+            self.manifest = dataclasses.replace(self.manifest, model_hash=file_hash(self.weights_path))
+        return self.manifest.to_dict()
+
+    @classmethod
+    def from_components(
+        cls,
+        *,
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        low_res_scheduler=None,
+        max_noise_level: int | None = None,
+        device: str = "cpu",
+        dtype: str | torch.dtype = "float32",
+        name: str = "",
+        source: str = "",
+        weights_path: Path | None = None,
+    ) -> "ModelBundle":
+        """Build a bundle from diffusers/transformers modules already in memory."""
+        dev = resolve_device(device)
+        return _assemble(
+            unet, vae, text_encoder, tokenizer, {**scheduler.config, "_class_name": type(scheduler).__name__},
+            low_res_scheduler, max_noise_level,
+            dev, resolve_dtype(dtype, dev), name=name, source=source, weights_path=weights_path,
+        )
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device not in DEVICES:
+        raise UserError(f"unknown device {device!r}; use one of: {', '.join(DEVICES)}")
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps was asked for but Metal is not available here; use --device cpu or auto")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        # CPUs compute fp16 slowly and some ops not at all: fp32 there; half precision on GPUs.
+        return torch.float32 if device.type == "cpu" else torch.float16
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; use one of: auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def file_hash(path: Path) -> str:
+    """First 10 hex digits of the file's SHA-256: the "Model hash" AUTOMATIC1111 and civitai show."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:10]
+
+
+def load_bundle(
+    source: str | os.PathLike,
+    backend: str = "auto",
+    device: str = "auto",
+    dtype: str = "auto",
+    *,
+    allow_pickle: bool = False,
+    config: str | os.PathLike | None = None,
+) -> ModelBundle:
+    """Load a model from a diffusers folder, a single-file checkpoint, a converted Core ML bundle or a hub id.
+
+    `config` names a diffusers config folder for a single-file checkpoint whose architecture differs from
+    the shipped SD 1.x/2.x configs.
+    """
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; use one of: {', '.join(BACKENDS)}")
+    path = Path(source).expanduser()
+    if path.is_dir() and (path / "coreml-manifest.json").is_file():
+        if backend == "torch":
+            raise UserError(f"{path} is a converted Core ML bundle; load it with --backend coreml or auto")
+        from editsuite.bundle.coreml_backend import load_coreml_bundle  # optional extra
+
+        return load_coreml_bundle(path, device=device)
+    if backend == "coreml":
+        raise UserError(f"{path} is not a converted Core ML bundle; make one with `editsuite convert {path} -o OUT`")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if path.is_dir():
+        return _load_diffusers(path, str(path), dev, dt, local=True)
+    if path.is_file():
+        return _load_single_file(path, dev, dt, allow_pickle=allow_pickle, config=config)
+    if _looks_like_hub_id(str(source)) and not path.suffix:
+        return _load_diffusers(str(source), str(source), dev, dt, local=False)
+    raise UserError(f"model {source} not found; pass a diffusers folder, a .safetensors file or a hub id")
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    parts = s.split("/")
+    return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~"))
+
+
+def _load_diffusers(location, source: str, device, dtype, *, local: bool) -> ModelBundle:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    if local:
+        index_path = Path(location) / "model_index.json"
+        if not index_path.is_file():
+            raise UserError(
+                f"{location} is not a Stable Diffusion model folder (no model_index.json); pass a diffusers folder, "
+                "a .safetensors checkpoint or a hub id"
+            )
+        try:
+            index = json.loads(index_path.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{index_path} cannot be read as JSON ({e})") from None
+        missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if c not in index]
+        if missing:
+            raise UserError(
+                f"{location} is not a Stable Diffusion model folder: model_index.json has no {', '.join(missing)}"
+            )
+    kw = dict(local_files_only=local or os.environ.get("HF_HUB_OFFLINE") == "1")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet", torch_dtype=dtype, **kw)
+        vae = AutoencoderKL.from_pretrained(location, subfolder="vae", torch_dtype=dtype, **kw)
+        text_encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder", dtype=dtype, **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **kw)
+        scheduler_config = _scheduler_config(location, "scheduler", kw)
+        low_res = None
+        max_noise_level = None
+        if local and "low_res_scheduler" in index:
+            low_res = DDPMScheduler.from_pretrained(location, subfolder="low_res_scheduler", **kw)
+            max_noise_level = int(index.get("max_noise_level", 350))
+        elif not local:
+            try:
+                low_res = DDPMScheduler.from_pretrained(location, subfolder="low_res_scheduler", **kw)
+                max_noise_level = 350
+            except Exception:  # most models have none
+                low_res = None
+    except UserError:
+        raise
+    except Exception as e:  # diffusers/transformers raise many types for missing or broken files
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot load the model from {source}: {msg}") from None
+    weights = None
+    if local:
+        cands = sorted((Path(location) / "unet").glob("*.safetensors")) + sorted((Path(location) / "unet").glob("*.bin"))
+        weights = cands[0] if cands else None
+    bundle = _assemble(unet, vae, text_encoder, tokenizer, scheduler_config, low_res, max_noise_level, device, dtype,
+                       name=Path(str(location)).name, source=source, weights_path=weights)
+    return bundle
+
+
+def _scheduler_config(location, subfolder, kw) -> dict:
+    from diffusers import DDIMScheduler
+
+    return dict(DDIMScheduler.load_config(location, subfolder=subfolder, **kw))
+
+
+def _load_single_file(path: Path, device, dtype, *, allow_pickle: bool, config) -> ModelBundle:
+    from editsuite.bundle.single_file import load_single_file
+
+    parts = load_single_file(path, allow_pickle=allow_pickle, config=config, torch_dtype=dtype)
+    return _assemble(
+        parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"], dict(parts["scheduler"].config),
+        None, None, device, dtype, name=path.stem, source=str(path), weights_path=path,
+    )
+
+
+def _assemble(unet, vae, text_encoder, tokenizer, scheduler_config, low_res, max_noise_level, device, dtype, *,
+              name, source, weights_path) -> ModelBundle:
+    from editsuite.bundle.torch_backend import TorchBackend
+
+    manifest = manifest_from_configs(
+        unet.config, vae.config, scheduler_config, name=name, source=source, max_noise_level=max_noise_level
+    )
+    if manifest.kind is ModelKind.UPSCALER and low_res is None:
+        from diffusers import DDPMScheduler
+
+        low_res = DDPMScheduler(num_train_timesteps=1000)
+    if manifest.kind is ModelKind.UPSCALER and max_noise_level is None:
+        manifest = dataclasses.replace(manifest, max_noise_level=350)
+    return ModelBundle(
+        manifest=manifest,
+        tokenizer=tokenizer,
+        backend=TorchBackend(text_encoder, unet, vae, device=device, dtype=dtype),
+        scheduler_config=scheduler_config,
+        low_res_scheduler=low_res,
+        weights_path=weights_path,
+    )

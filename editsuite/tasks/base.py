@@ -1,0 +1,127 @@
+"""What every task shares: settings, validation, the result type, and the run skeleton."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any, ClassVar
+
+import PIL.Image
+
+from editsuite.bundle.manifest import ModelKind
+from editsuite.core import loop
+from editsuite.core.prompts import encode_prompt
+from editsuite.core.schedulers import display_name, make_scheduler
+from editsuite.errors import UserError
+
+DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE = 7.5
+MAX_SEED = 2**32 - 1  # the seed range other SD tools use, so seeds can be shared
+
+
+@dataclasses.dataclass
+class TaskResult:
+    """`images`: the outputs (PIL, RGB); `metadata`: every setting that made them, and the model's identity."""
+
+    images: list[PIL.Image.Image]
+    metadata: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Common:
+    """Settings every task takes, validated once."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = DEFAULT_STEPS
+    guidance_scale: float = DEFAULT_GUIDANCE
+    seed: int | None = None
+    scheduler: str | None = None
+    num_images: int = 1
+    eta: float = 0.0
+
+    def validated(self) -> "Common":
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise UserError(f"steps must be at least 1 (got {self.steps})")
+        if self.num_images < 1:
+            raise UserError(f"num_images must be at least 1 (got {self.num_images})")
+        if self.guidance_scale < 0:
+            raise UserError(f"guidance scale must be 0 or more (got {self.guidance_scale})")
+        seed = self.seed
+        if seed is None:
+            seed = random.randint(0, MAX_SEED)
+        elif not 0 <= int(seed) < 2**63:
+            raise UserError(f"seed must be between 0 and 2^63-1 (got {seed})")
+        return dataclasses.replace(self, seed=int(seed), prompt=self.prompt or "", negative_prompt=self.negative_prompt or "")
+
+
+def check_strength(strength: float, name: str = "strength") -> float:
+    if not 0.0 <= float(strength) <= 1.0:
+        raise UserError(f"{name} must be between 0 and 1 (got {strength})")
+    return float(strength)
+
+
+def check_size(value: int | None, name: str, multiple: int = 8) -> int | None:
+    """Sizes must be multiples of the VAE factor: say so, and what the nearest valid values are."""
+    if value is None:
+        return None
+    if value < multiple:
+        raise UserError(f"{name} must be at least {multiple} pixels (got {value})")
+    if value % multiple:
+        lo = value - value % multiple
+        raise UserError(f"{name} {value} is not a multiple of {multiple}; use {lo} or {lo + multiple}")
+    return value
+
+
+def round_to(x: int, multiple: int) -> int:
+    """Nearest multiple (at least one multiple)."""
+    return max(multiple, int(round(x / multiple)) * multiple)
+
+
+class Task:
+    """A task prepares inputs for the shared loop; subclasses define `name`, `kinds` and `run`."""
+
+    name: ClassVar[str] = ""
+    kinds: ClassVar[tuple[ModelKind, ...]] = (ModelKind.BASE,)
+
+    def __init__(self, bundle):
+        if bundle.kind not in self.kinds:
+            allowed = " or ".join(k.value for k in self.kinds)
+            raise UserError(
+                f"{self.name} needs a {allowed} model, but {bundle.manifest.name or 'this model'} is a "
+                f"{bundle.kind.value} model; pass a suitable one with --model"
+            )
+        self.bundle = bundle
+
+    # -- pieces every run uses -------------------------------------------------------------------------
+
+    def start(self, common: Common):
+        """Validated settings, the guidance, a fresh scheduler and the seeded generator."""
+        c = common.validated()
+        scheduler = make_scheduler(c.scheduler, self.bundle.scheduler_config)
+        guidance = encode_prompt(self.bundle, c.prompt, c.negative_prompt, c.num_images, c.guidance_scale)
+        return c, guidance, scheduler, loop.generator_for(c.seed)
+
+    def metadata(self, c: Common, width: int, height: int, **extra) -> dict[str, Any]:
+        from editsuite import __version__
+
+        return {
+            "task": self.name,
+            "prompt": c.prompt,
+            "negative_prompt": c.negative_prompt,
+            "steps": c.steps,
+            "guidance_scale": c.guidance_scale,
+            "seed": c.seed,
+            "scheduler": c.scheduler or self.bundle.scheduler_config.get("_class_name"),
+            "sampler": display_name(c.scheduler, self.bundle.scheduler_config),
+            "num_images": c.num_images,
+            "eta": c.eta,
+            "width": width,
+            "height": height,
+            **extra,
+            "model": self.bundle.identity(),
+            "backend": self.bundle.backend.name,
+            "dtype": str(self.bundle.dtype).replace("torch.", ""),
+            "editsuite": __version__,
+        }
+

@@ -1,0 +1,63 @@
+"""Img2Img: repaint a picture guided by a prompt; `strength` is how much of the schedule to run."""
+
+from __future__ import annotations
+
+import PIL.Image
+import torch
+
+from editsuite.bundle.manifest import ModelKind
+from editsuite.core import loop
+from editsuite.imaging.io import open_image
+from editsuite.tasks.base import (DEFAULT_GUIDANCE, DEFAULT_STEPS, Common, Task, TaskResult, check_size,
+                                  check_strength, round_to)
+
+
+def work_size(image: PIL.Image.Image, width: int | None, height: int | None, multiple: int) -> tuple[int, int]:
+    """The size the model works at: the given one, else the image's rounded to the VAE factor."""
+    return (width or round_to(image.width, multiple), height or round_to(image.height, multiple))
+
+
+def restore_size(images: list[PIL.Image.Image], size: tuple[int, int]) -> list[PIL.Image.Image]:
+    """Back to the input's size when the work size had to be rounded (Lanczos)."""
+    return [im if im.size == size else im.resize(size, PIL.Image.LANCZOS) for im in images]
+
+
+def img2img_latents(task: Task, pixels: torch.Tensor, c: Common, guidance, sched, gen, strength: float,
+                    callback=None) -> torch.Tensor | None:
+    """Encode, noise to the strength's timestep, denoise. None when no step would run (keep the input)."""
+    b = task.bundle
+    timesteps = loop.schedule(sched, c.steps, b.device, strength)
+    if len(timesteps) == 0:
+        return None
+    init = loop.encode_image(b, pixels, gen)
+    init = torch.cat([init] * (c.num_images // init.shape[0]), dim=0)
+    latents = sched.add_noise(init, loop.noise(init.shape, gen, b), timesteps[:1].repeat(c.num_images))
+    return loop.denoise(b, sched, loop.LoopInputs(latents, timesteps, guidance), generator=gen, eta=c.eta,
+                        callback=callback)
+
+
+class Img2Img(Task):
+    name = "img2img"
+    kinds = (ModelKind.BASE,)
+
+    def run(self, image, prompt: str = "", *, strength: float = 0.75, width: int | None = None,
+            height: int | None = None, negative_prompt: str = "", steps: int = DEFAULT_STEPS,
+            guidance_scale: float = DEFAULT_GUIDANCE, seed: int | None = None, scheduler: str | None = None,
+            num_images: int = 1, eta: float = 0.0, callback: loop.StepCallback | None = None) -> TaskResult:
+        # 1. Check inputs
+        f = self.bundle.manifest.vae_scale_factor
+        strength = check_strength(strength)
+        width, height = check_size(width, "width", f), check_size(height, "height", f)
+        image = open_image(image)
+        w, h = work_size(image, width, height, f)
+        # 2. Prompt, scheduler, generator
+        c, guidance, sched, gen = self.start(
+            Common(prompt, negative_prompt, steps, guidance_scale, seed, scheduler, num_images, eta))
+        meta = self.metadata(c, w, h, strength=strength)
+        # 3. Encode, noise, denoise, decode (strength 0 keeps the input exactly)
+        pixels = loop.image_processor(self.bundle).preprocess(image, height=h, width=w)
+        latents = img2img_latents(self, pixels, c, guidance, sched, gen, strength, callback) if strength > 0 else None
+        if latents is None:
+            return TaskResult([image.copy() for _ in range(c.num_images)], {**meta, "steps_run": 0})
+        out = loop.decode(self.bundle, latents)
+        return TaskResult(out if width or height else restore_size(out, image.size), meta)

@@ -1,0 +1,118 @@
+"""Upscale: the x4 upscaler model as diffusers runs it, or the tiled "SD upscale" with any base model."""
+
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+import torch
+
+from editsuite.bundle.manifest import ModelKind
+from editsuite.core import loop
+from editsuite.core.schedulers import make_scheduler
+from editsuite.errors import UserError
+from editsuite.imaging.io import open_image
+from editsuite.tasks.base import DEFAULT_STEPS, Common, Task, TaskResult, check_strength
+from editsuite.tasks.img2img import img2img_latents
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of size `tile` covering [0, length), neighbours overlapping by >= `overlap`."""
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, length - tile, stride))
+    return starts + [length - tile]
+
+
+def tile_weights(h: int, w: int, overlap: int, edges: tuple[bool, bool, bool, bool]) -> np.ndarray:
+    """(h, w) blend weights: a linear ramp over `overlap` pixels on the sides that meet another tile
+    (top, bottom, left, right), 1 elsewhere. Overlapping ramps sum to a smooth, seamless crossfade."""
+    def ramp(n: int, lo: bool, hi: bool) -> np.ndarray:
+        r = np.ones(n, np.float64)
+        k = min(overlap, n)
+        if k > 0:
+            up = (np.arange(k) + 0.5) / k
+            if lo:
+                r[:k] = np.minimum(r[:k], up)
+            if hi:
+                r[n - k:] = np.minimum(r[n - k:], up[::-1])
+        return r
+
+    top, bottom, left, right = edges
+    return np.outer(ramp(h, top, bottom), ramp(w, left, right))
+
+
+class Upscale(Task):
+    name = "upscale"
+    kinds = (ModelKind.UPSCALER, ModelKind.BASE)
+
+    def run(self, image, prompt: str = "", *, scale: float = 4, noise_level: int = 20, tile: int | None = None,
+            overlap: int = 64, strength: float = 0.3, negative_prompt: str = "", steps: int = DEFAULT_STEPS,
+            guidance_scale: float | None = None, seed: int | None = None, scheduler: str | None = None,
+            num_images: int = 1, eta: float = 0.0, callback: loop.StepCallback | None = None) -> TaskResult:
+        if not 1 <= scale <= 8:
+            raise UserError(f"scale must be between 1 and 8 (got {scale})")
+        image = open_image(image)
+        x4 = self.bundle.kind is ModelKind.UPSCALER
+        guidance_scale = (9.0 if x4 else 7.5) if guidance_scale is None else guidance_scale
+        common = Common(prompt, negative_prompt, steps, guidance_scale, seed, scheduler, num_images, eta)
+        if x4:
+            return self._x4(image, common, scale, noise_level, callback)
+        return self._tiled(image, common, scale, tile, overlap, check_strength(strength), callback)
+
+    def _x4(self, image, common: Common, scale: float, noise_level: int, callback) -> TaskResult:
+        """diffusers' StableDiffusionUpscalePipeline: latents at the low-res size, the noised low-res image
+        concatenated on channels, `class_labels = noise_level`; decoded 4x larger."""
+        b, m = self.bundle, self.bundle.manifest
+        if not 0 <= noise_level <= m.max_noise_level:
+            raise UserError(f"noise level must be between 0 and {m.max_noise_level} (got {noise_level})")
+        c, guidance, sched, gen = self.start(common)
+        low = loop.image_processor(b, resample="bicubic").preprocess(image).to(b.device, b.dtype)
+        timesteps = loop.schedule(sched, c.steps, b.device)
+        level = torch.tensor([noise_level], dtype=torch.long, device=b.device)
+        low = b.low_res_scheduler.add_noise(low, loop.noise(low.shape, gen, b), level)
+        rep = (2 if guidance.do_cfg else 1) * c.num_images
+        low = torch.cat([low] * rep)
+        h, w = low.shape[2:]
+        latents = loop.noise((c.num_images, m.latent_channels, h, w), gen, b) * sched.init_noise_sigma
+        inputs = loop.LoopInputs(latents, timesteps, guidance, extra_channels=low,
+                                 class_labels=torch.cat([level] * low.shape[0]))
+        out = loop.decode(b, loop.denoise(b, sched, inputs, generator=gen, eta=c.eta, callback=callback))
+        target = (round(image.width * scale), round(image.height * scale))
+        out = [o if o.size == target else o.resize(target, PIL.Image.LANCZOS) for o in out]
+        return TaskResult(out, self.metadata(c, target[0], target[1], scale=scale, noise_level=noise_level,
+                                             method="x4-upscaler"))
+
+    def _tiled(self, image, common: Common, scale: float, tile: int | None, overlap: int, strength: float,
+               callback) -> TaskResult:
+        """"SD upscale": Lanczos to the target size, then img2img over overlapping tiles, crossfaded."""
+        b, m = self.bundle, self.bundle.manifest
+        f = m.vae_scale_factor
+        tile = tile or m.native_resolution
+        if tile < f or tile % f or not 0 <= overlap < tile // 2 + 1:
+            raise UserError(f"tile must be a multiple of {f} and overlap between 0 and half the tile "
+                            f"(got tile {tile}, overlap {overlap})")
+        target = (round(image.width * scale), round(image.height * scale))
+        big = image.resize(target, PIL.Image.LANCZOS)
+        c, guidance, sched, gen = self.start(common)
+        meta = self.metadata(c, target[0], target[1], scale=scale, tile=tile, overlap=overlap, strength=strength,
+                             method="tiled-img2img")
+        if strength == 0 or min(target) < f:
+            return TaskResult([big.copy() for _ in range(c.num_images)], meta)
+        tw, th = min(tile, target[0] - target[0] % f), min(tile, target[1] - target[1] % f)
+        xs, ys = tile_starts(target[0], tw, overlap), tile_starts(target[1], th, overlap)
+        acc = np.zeros((c.num_images, target[1], target[0], 3))
+        wsum = np.zeros((target[1], target[0], 1))
+        proc = loop.image_processor(b)
+        for y in ys:
+            for x in xs:
+                crop = big.crop((x, y, x + tw, y + th))
+                sched = make_scheduler(c.scheduler, b.scheduler_config)  # fresh per tile; one generator runs on
+                latents = img2img_latents(self, proc.preprocess(crop), c, guidance, sched, gen, strength, callback)
+                tiles = loop.decode(b, latents) if latents is not None else [crop] * c.num_images
+                wgt = tile_weights(th, tw, overlap, (y > 0, y + th < target[1], x > 0, x + tw < target[0]))[..., None]
+                for i, t in enumerate(tiles):
+                    acc[i, y:y + th, x:x + tw] += np.asarray(t, np.float64) * wgt
+                wsum[y:y + th, x:x + tw] += wgt
+        out = [PIL.Image.fromarray(np.clip(np.round(a / wsum), 0, 255).astype(np.uint8)) for a in acc]
+        return TaskResult(out, {**meta, "tiles": len(xs) * len(ys)})
