@@ -1,0 +1,132 @@
+"""Generation settings stored in output images.
+
+Every PNG editsuite writes carries two text chunks:
+
+* `parameters`: the AUTOMATIC1111 text, so the image's settings show up in the WebUI's "PNG Info"
+  tab, in ComfyUI/InvokeAI importers and in online galleries:
+
+      a photo of a cat
+      Negative prompt: blurry
+      Steps: 20, Sampler: DPM++ 2M, CFG scale: 7, Seed: 42, Size: 512x512, Model hash: abcd1234, Model: sd15, Denoising strength: 0.75
+
+* `editsuite`: `json.dumps(settings, sort_keys=True)`, every setting and the model identity, read
+  back exactly by `read_settings`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, PngImagePlugin
+
+from editsuite.errors import UserError
+
+__all__ = ["SETTINGS_KEY", "a1111_parameters", "png_info", "read_settings"]
+
+SETTINGS_KEY = "editsuite"
+PARAMETERS_KEY = "parameters"
+
+
+def a1111_parameters(settings: dict[str, Any]) -> str:
+    """The AUTOMATIC1111 `parameters` text for `settings`.
+
+    Keys read (all optional; missing or None values are left out, as A1111 does):
+    `prompt`, `negative_prompt` (line omitted when empty), `steps`, `sampler` (the human sampler
+    name, e.g. "DPM++ 2M"; `scheduler` is used when there is no `sampler`), `guidance_scale`,
+    `seed`, `width` and `height` (written as "Size: WxH"), `model_hash`, `model_name`, `strength`
+    (written as "Denoising strength", and only when `task` is not "txt2img"), and `extra`, a
+    dict of further "Key: value" pairs appended in order (e.g. {"Mask blur": 4}).
+
+    Values containing a comma, colon or newline are JSON-quoted, as A1111 does. Floats that are
+    whole numbers are written without ".0" (7.0 -> "7").
+    """
+    fields: list[tuple[str, Any]] = [
+        ("Steps", settings.get("steps")),
+        ("Sampler", settings.get("sampler") or settings.get("scheduler")),
+        ("CFG scale", settings.get("guidance_scale")),
+        ("Seed", settings.get("seed")),
+    ]
+    width, height = settings.get("width"), settings.get("height")
+    fields.append(("Size", f"{width}x{height}" if width is not None and height is not None else None))
+    fields += [("Model hash", settings.get("model_hash")), ("Model", settings.get("model_name"))]
+    if settings.get("task") != "txt2img":
+        fields.append(("Denoising strength", settings.get("strength")))
+    fields += list((settings.get("extra") or {}).items())
+
+    params = ", ".join(
+        key if key == value else f"{key}: {_quote(_format(value))}" for key, value in fields if value is not None
+    )
+    lines = [str(settings.get("prompt") or "")]
+    negative = settings.get("negative_prompt")
+    if negative:
+        lines.append(f"Negative prompt: {negative}")
+    lines.append(params)
+    return "\n".join(lines).strip()
+
+
+def png_info(settings: dict[str, Any]) -> PngImagePlugin.PngInfo:
+    """A PngInfo with the `parameters` chunk (A1111 text) and the `editsuite` chunk (JSON).
+
+    Text that is not Latin-1 goes into an iTXt chunk (UTF-8), the rest into tEXt. Settings values
+    JSON cannot represent (paths, numpy scalars, ...) are stored as strings.
+    """
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PARAMETERS_KEY, a1111_parameters(settings))
+    info.add_text(SETTINGS_KEY, settings_json(settings))
+    return info
+
+
+def settings_json(settings: dict[str, Any]) -> str:
+    """`json.dumps(settings, sort_keys=True)`, with non-JSON values written as strings."""
+    return json.dumps(settings, sort_keys=True, default=_json_default)
+
+
+def read_settings(path: str | Path) -> dict[str, Any]:
+    """The settings dict stored by `png_info` in the image at `path`.
+
+    Raises `UserError` if the file cannot be opened or carries no editsuite settings.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            text = im.info.get(SETTINGS_KEY)
+            if text is None and hasattr(im, "text"):
+                text = im.text.get(SETTINGS_KEY)  # chunks written after the image data
+    except FileNotFoundError as exc:
+        raise UserError(f"image '{path}' not found; check the path") from exc
+    except Exception as exc:
+        raise UserError(f"cannot read settings from '{path}' ({' '.join(str(exc).split())})") from exc
+    if text is None:
+        raise UserError(f"'{path}' has no editsuite settings (only PNGs written by editsuite carry them)")
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"the editsuite settings in '{path}' are not valid JSON ({exc})") from exc
+    if not isinstance(settings, dict):
+        raise UserError(f"the editsuite settings in '{path}' are not a JSON object")
+    return settings
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _quote(text: str) -> str:
+    """A1111's infotext quoting: JSON-quote a value containing ',', ':' or a newline."""
+    if "," not in text and ":" not in text and "\n" not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _json_default(value: Any) -> Any:
+    item = getattr(value, "item", None)  # numpy scalars
+    if callable(item):
+        try:
+            return item()
+        except (TypeError, ValueError):
+            pass
+    return str(value)
