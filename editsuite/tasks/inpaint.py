@@ -16,6 +16,23 @@ from editsuite.tasks.base import (DEFAULT_GUIDANCE, DEFAULT_STEPS, Common, Task,
 from editsuite.tasks.img2img import restore_size, work_size
 
 
+def checked_mask(image: PIL.Image.Image, mask: PIL.Image.Image, *, resize_mask: bool = False,
+                 invert_mask: bool = False) -> PIL.Image.Image:
+    """The mask ('L', white = repaint) made to fit `image`, or a UserError saying why it cannot."""
+    if mask.size != image.size:
+        if not resize_mask:
+            raise UserError(
+                f"the mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}; give a "
+                "mask of the same size, or pass --resize-mask to stretch it to the image")
+        mask = mask.resize(image.size, PIL.Image.LANCZOS)
+    if invert_mask:
+        mask = PIL.ImageOps.invert(mask)
+    if mask.getextrema()[1] < 128:
+        raise UserError("the mask is empty (no white pixels): white marks what to repaint; check the mask "
+                        "file, or pass --invert-mask if black marks it")
+    return mask
+
+
 class Inpaint(Task):
     name = "inpaint"
     kinds = (ModelKind.BASE, ModelKind.INPAINTING)
@@ -30,18 +47,8 @@ class Inpaint(Task):
         strength = check_strength(strength)
         if mask_blur < 0 or padding < 0:
             raise UserError(f"mask blur and padding must be 0 or more pixels (got {mask_blur} and {padding})")
-        image, mask = open_image(image), open_mask(mask)
-        if mask.size != image.size:
-            if not resize_mask:
-                raise UserError(
-                    f"the mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}; give a "
-                    "mask of the same size, or pass --resize-mask to stretch it to the image")
-            mask = mask.resize(image.size, PIL.Image.LANCZOS)
-        if invert_mask:
-            mask = PIL.ImageOps.invert(mask)
-        if mask.getextrema()[1] < 128:
-            raise UserError("the mask is empty (no white pixels): white marks what to repaint; check the mask "
-                            "file, or pass --invert-mask if black marks it")
+        image = open_image(image)
+        mask = checked_mask(image, open_mask(mask), resize_mask=resize_mask, invert_mask=invert_mask)
         # 2. A blurred mask feathers the paste-back; the model sees it binarised at 0.5, as diffusers does
         if mask_blur:
             mask = loop.image_processor(self.bundle).blur(mask, mask_blur)

@@ -1,0 +1,168 @@
+"""The `editsuite` command: one thin command per task; each validates, then hands over to `run.execute`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import typer
+
+from editsuite.cli.options import (AllowPickle, Backend, Device, Dtype, Guidance, Height, Inputs, Json, MaxPixels,
+                                   Model, Negative, NumImages, OptGuidance, OptPrompt, Output, Overwrite, Prompt,
+                                   Quiet, Scheduler, Seed, Steps, Strength, Width)
+from editsuite.cli.run import Job, execute
+from editsuite.errors import UserError
+from editsuite.imaging.io import DEFAULT_MAX_PIXELS
+from editsuite.tasks.base import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+app = typer.Typer(
+    name="editsuite",
+    help="On-device image editing on Stable Diffusion: txt2img, img2img, inpaint, outpaint, upscale.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command()
+def txt2img(
+    prompt: Prompt, negative_prompt: Negative = "", width: Width = None, height: Height = None,
+    steps: Steps = DEFAULT_STEPS, guidance: Guidance = DEFAULT_GUIDANCE, seed: Seed = None,
+    scheduler: Scheduler = None, num_images: NumImages = 1, output: Output = None, model: Model = None,
+    backend: Backend = "auto", device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False,
+    quiet: Quiet = False, json_out: Json = False, allow_pickle: AllowPickle = False,
+):
+    """Paint a picture from a prompt."""
+    execute(Job("txt2img", locals(), dict(width=width, height=height)))
+
+
+@app.command()
+def img2img(
+    inputs: Inputs, prompt: Prompt, strength: Strength = 0.75, negative_prompt: Negative = "",
+    width: Width = None, height: Height = None, steps: Steps = DEFAULT_STEPS, guidance: Guidance = DEFAULT_GUIDANCE,
+    seed: Seed = None, scheduler: Scheduler = None, num_images: NumImages = 1, output: Output = None,
+    model: Model = None, backend: Backend = "auto", device: Device = "auto", dtype: Dtype = "auto",
+    overwrite: Overwrite = False, quiet: Quiet = False, json_out: Json = False, allow_pickle: AllowPickle = False,
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+):
+    """Repaint pictures guided by a prompt."""
+    execute(Job("img2img", locals(), dict(strength=strength, width=width, height=height)))
+
+
+@app.command()
+def inpaint(
+    inputs: Inputs,
+    mask: Path = typer.Option(..., "--mask", help="Mask image: white = repaint, black = keep."),
+    prompt: Prompt = ..., strength: Strength = 1.0,
+    mask_blur: int = typer.Option(0, min=0, help="Blur the mask edge by this many pixels (a soft paste-back)."),
+    only_masked: bool = typer.Option(False, "--only-masked", help="Work on the padded mask box at the model's "
+                                     "resolution, then paste back."),
+    padding: int = typer.Option(32, min=0, help="Pixels around the mask box with --only-masked."),
+    invert_mask: bool = typer.Option(False, "--invert-mask", help="Black = repaint."),
+    resize_mask: bool = typer.Option(False, "--resize-mask", help="Stretch a mask of another size to the image."),
+    negative_prompt: Negative = "", width: Width = None, height: Height = None, steps: Steps = DEFAULT_STEPS,
+    guidance: Guidance = DEFAULT_GUIDANCE, seed: Seed = None, scheduler: Scheduler = None,
+    num_images: NumImages = 1, output: Output = None, model: Model = None, backend: Backend = "auto",
+    device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
+    json_out: Json = False, allow_pickle: AllowPickle = False, max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+):
+    """Repaint the white part of a mask; everything else stays as it was."""
+    execute(Job("inpaint", locals(), dict(strength=strength, mask_blur=mask_blur, only_masked=only_masked,
+                                          padding=padding, invert_mask=invert_mask, resize_mask=resize_mask,
+                                          width=width, height=height), mask=mask))
+
+
+@app.command()
+def outpaint(
+    inputs: Inputs, prompt: Prompt,
+    left: int = typer.Option(0, min=0, help="Pixels to add on the left."),
+    right: int = typer.Option(0, min=0, help="Pixels to add on the right."),
+    top: int = typer.Option(0, min=0, help="Pixels to add on top."),
+    bottom: int = typer.Option(0, min=0, help="Pixels to add at the bottom."),
+    expand: int = typer.Option(0, min=0, help="Pixels to add on every side (instead of the four above)."),
+    feather: int = typer.Option(16, min=0, help="Fade the new area in over this many pixels from the edge."),
+    negative_prompt: Negative = "", steps: Steps = DEFAULT_STEPS, guidance: Guidance = DEFAULT_GUIDANCE,
+    seed: Seed = None, scheduler: Scheduler = None, num_images: NumImages = 1, output: Output = None,
+    model: Model = None, backend: Backend = "auto", device: Device = "auto", dtype: Dtype = "auto",
+    overwrite: Overwrite = False, quiet: Quiet = False, json_out: Json = False, allow_pickle: AllowPickle = False,
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+):
+    """Extend pictures on any side and fill the new area."""
+    if expand and any((left, right, top, bottom)):
+        raise UserError("give either --expand or --left/--right/--top/--bottom, not both")
+    sides = dict(left=expand, right=expand, top=expand, bottom=expand) if expand else \
+        dict(left=left, right=right, top=top, bottom=bottom)
+    execute(Job("outpaint", locals(), dict(**sides, feather=feather)))
+
+
+@app.command()
+def upscale(
+    inputs: Inputs, prompt: OptPrompt = "",
+    scale: float = typer.Option(4.0, help="Upscaling factor."),
+    tile: int = typer.Option(None, help="Tile size for the tiled upscale (default: the model's resolution)."),
+    overlap: int = typer.Option(64, min=0, help="Overlap between tiles, in pixels."),
+    strength: Strength = 0.3,
+    noise_level: int = typer.Option(20, min=0, help="x4 upscaler: noise added to the low-res input."),
+    negative_prompt: Negative = "", steps: Steps = DEFAULT_STEPS, guidance: OptGuidance = None, seed: Seed = None,
+    scheduler: Scheduler = None, num_images: NumImages = 1, output: Output = None, model: Model = None,
+    backend: Backend = "auto", device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False,
+    quiet: Quiet = False, json_out: Json = False, allow_pickle: AllowPickle = False,
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+):
+    """Make pictures larger: the x4 upscaler model, or a tiled img2img pass with a base model."""
+    execute(Job("upscale", locals(), dict(scale=scale, tile=tile, overlap=overlap, strength=strength,
+                                          noise_level=noise_level)))
+
+
+@app.command()
+def info(
+    model: str = typer.Argument(..., help="Diffusers folder, .safetensors checkpoint, Core ML bundle or hub id."),
+    allow_pickle: AllowPickle = False,
+):
+    """Show what a model is: kind, channels, prediction type, resolution."""
+    from editsuite.bundle.loader import load_bundle
+
+    bundle = load_bundle(model, backend="auto", device="cpu", dtype="float32", allow_pickle=allow_pickle)
+    typer.echo(json.dumps(bundle.identity(), indent=2))
+
+
+def _quiet_libraries() -> None:
+    """diffusers/transformers log loading chatter and draw their own bars; the CLI shows only its own."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    for lib in (dlog, tlog):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: bad input is one line on stderr and exit code 2, never a traceback."""
+    _quiet_libraries()
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as e:
+        typer.echo(f"error: {e}", err=True)
+        return 2
+    except click.UsageError as e:
+        hint = f" (see `editsuite {e.ctx.info_name} --help`)" if e.ctx and e.ctx.parent else " (see `editsuite --help`)"
+        typer.echo(f"error: {e.format_message()}{hint}", err=True)
+        return 2
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.Abort:
+        typer.echo("cancelled", err=True)
+        return 130
+    except KeyboardInterrupt:
+        typer.echo("cancelled; finished outputs are kept, nothing partial was written", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

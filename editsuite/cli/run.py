@@ -1,0 +1,161 @@
+"""What every command does around its task: check everything, load the model once, run, save atomically.
+
+Order matters for "nothing written on bad input": settings are checked, every input is opened and every
+output name is planned (and checked against existing files) before the model is loaded, and files are
+written only after a task succeeded, each atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from editsuite.bundle.manifest import ModelKind
+from editsuite.core.schedulers import scheduler_choices
+from editsuite.errors import UserError
+from editsuite.imaging.io import open_image, open_mask
+from editsuite.imaging.metadata import png_info
+from editsuite.imaging.output import output_paths, save_atomic
+from editsuite.tasks import TASKS
+from editsuite.tasks.base import Common, check_size, check_strength
+
+# the demo member each task uses when no --model is given
+DEMO_KIND = {"txt2img": ModelKind.BASE, "img2img": ModelKind.BASE, "inpaint": ModelKind.INPAINTING,
+             "outpaint": ModelKind.BASE, "upscale": ModelKind.UPSCALER}
+# extra settings written into the A1111 `parameters` text, as AUTOMATIC1111 names them
+A1111_EXTRA = {"mask_blur": "Mask blur", "padding": "Masked area padding",
+               "noise_level": "Noise level", "scale": "Upscale", "tile": "Tile size", "overlap": "Tile overlap"}
+
+
+@dataclasses.dataclass
+class Job:
+    """One command line: the task name, every CLI value, the task's own arguments and an optional mask."""
+
+    task: str
+    cli: dict[str, Any]
+    task_args: dict[str, Any]
+    mask: Path | None = None
+
+    def opt(self, name: str, default=None):
+        return self.cli.get(name, default)
+
+
+def execute(job: Job) -> None:
+    quiet, as_json = job.opt("quiet"), job.opt("json_out")
+    # 1. Check settings before anything slow
+    common = Common(prompt=job.opt("prompt") or "", negative_prompt=job.opt("negative_prompt") or "",
+                    steps=job.opt("steps"), guidance_scale=job.opt("guidance") or 0.0, seed=job.opt("seed"),
+                    scheduler=job.opt("scheduler"), num_images=job.opt("num_images")).validated()
+    if common.scheduler is not None and common.scheduler not in scheduler_choices():
+        raise UserError(f"unknown scheduler {common.scheduler!r}; use one of: {', '.join(scheduler_choices())}")
+    for key in ("strength",):
+        if key in job.task_args:
+            check_strength(job.task_args[key])
+    for key in ("width", "height"):
+        check_size(job.task_args.get(key), key)
+    # 2. Open every input (and mask) now, so a bad file stops the run before anything is written
+    max_pixels = job.opt("max_pixels")
+    paths: list[Path] = list(job.opt("inputs") or [])
+    images = [open_image(p, max_pixels=max_pixels) for p in paths]
+    mask = open_mask(job.mask, max_pixels=max_pixels) if job.mask is not None else None
+    if mask is not None:
+        from editsuite.tasks.inpaint import checked_mask
+
+        for im in images:
+            checked_mask(im, mask, resize_mask=job.task_args["resize_mask"], invert_mask=job.task_args["invert_mask"])
+    # 3. Plan every output name; an existing file stops the run unless --overwrite
+    n = common.num_images
+    outs = output_paths(job.opt("output"), task=job.task, seeds=[common.seed] * n, inputs=paths or None,
+                        n_per_input=n, overwrite=job.opt("overwrite"))
+    # 4. Load the model once, build the task
+    task = TASKS[job.task](_load(job, quiet))
+    # 5. Run each input, then save its outputs atomically
+    run_args = dict(prompt=common.prompt, negative_prompt=common.negative_prompt, steps=common.steps,
+                    seed=common.seed, scheduler=common.scheduler, num_images=n, **job.task_args)
+    if job.opt("guidance") is not None:
+        run_args["guidance_scale"] = common.guidance_scale
+    written = []
+    for idx, item in enumerate(images or [None]):
+        args = dict(run_args)
+        if mask is not None:
+            args["mask"] = mask
+        label = paths[idx].name if paths else job.task
+        with _Progress(label, quiet) as progress:
+            result = task.run(item, **args, callback=progress.step) if item is not None else \
+                task.run(**args, callback=progress.step)
+        for j, image in enumerate(result.images):
+            settings = {**result.metadata, "batch_index": j}
+            if paths:
+                settings["input"] = str(paths[idx])
+            out = save_atomic(image, outs[idx * n + j], pnginfo=png_info(_png_settings(settings)),
+                              overwrite=job.opt("overwrite"))
+            written.append({"path": str(out), "settings": settings})
+            if not quiet and not as_json:
+                typer.echo(f"wrote {out}", err=True)
+    if as_json:
+        typer.echo(json.dumps(written, indent=2, default=str))
+
+
+def _load(job: Job, quiet: bool):
+    from editsuite.bundle.loader import load_bundle
+
+    model = job.opt("model")
+    if model is None:
+        from editsuite.demo import demo_model
+
+        model = demo_model(DEMO_KIND[job.task])
+        if model is None:
+            raise UserError("no --model given and the built-in demo model is not installed; pass --model with a "
+                            "diffusers folder, a .safetensors checkpoint or a hub id")
+        if not quiet:
+            typer.echo(f"using the built-in demo model ({DEMO_KIND[job.task].value}): it only knows simple shapes "
+                       "and colours; pass --model for a real Stable Diffusion checkpoint", err=True)
+    return load_bundle(model, backend=job.opt("backend"), device=job.opt("device"), dtype=job.opt("dtype"),
+                       allow_pickle=job.opt("allow_pickle"))
+
+
+def _png_settings(settings: dict) -> dict:
+    """Settings plus the keys the A1111 `parameters` text reads (model name and hash, extras)."""
+    model = settings.get("model", {})
+    extra = {label: settings[k] for k, label in A1111_EXTRA.items() if settings.get(k) not in (None, False, 0)}
+    if settings.get("only_masked"):
+        extra["Inpaint area"] = "Only masked"
+    else:
+        extra.pop("Masked area padding", None)
+    return {**settings, "model_name": model.get("name"), "model_hash": model.get("model_hash"), "extra": extra}
+
+
+class _Progress:
+    """A rich progress bar over the denoising steps of one run (nothing with --quiet or without a terminal)."""
+
+    def __init__(self, label: str, quiet: bool):
+        self.label, self.enabled = label, not quiet and sys.stderr.isatty()
+        self.bar = self.current = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn(), transient=True)
+            self.bar.start()
+        return self
+
+    def step(self, s) -> None:
+        if self.bar is None:
+            return
+        if self.current is None:
+            self.current = self.bar.add_task(self.label, total=s.total)
+        elif s.index == 0:  # the next run of a multi-run task (tiles): start the bar over
+            self.bar.reset(self.current, total=s.total)
+        self.bar.update(self.current, completed=s.index + 1)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+        return False
