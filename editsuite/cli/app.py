@@ -102,7 +102,7 @@ def upscale(
     inputs: Inputs, prompt: OptPrompt = "",
     scale: float = typer.Option(4.0, help="Upscaling factor."),
     tile: int = typer.Option(None, help="Tile size for the tiled upscale (default: the model's resolution)."),
-    overlap: int = typer.Option(64, min=0, help="Overlap between tiles, in pixels."),
+    overlap: int = typer.Option(None, min=0, help="Overlap between tiles, in pixels (default: 1/8 of the tile)."),
     strength: Strength = 0.3,
     noise_level: int = typer.Option(20, min=0, help="x4 upscaler: noise added to the low-res input."),
     negative_prompt: Negative = "", steps: Steps = DEFAULT_STEPS, guidance: OptGuidance = None, seed: Seed = None,
@@ -128,6 +128,12 @@ def info(
     typer.echo(json.dumps(bundle.identity(), indent=2))
 
 
+# typer may vendor its own click: catch its exception classes as well as click's
+_USAGE_ERRORS = tuple({click.UsageError, *(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")})
+_EXITS = tuple({click.exceptions.Exit, typer.Exit})
+_ABORTS = tuple({click.Abort, typer.Abort})
+
+
 def _quiet_libraries() -> None:
     """diffusers/transformers log loading chatter and draw their own bars; the CLI shows only its own."""
     import os
@@ -149,13 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         return 2
-    except click.UsageError as e:
+    except _USAGE_ERRORS as e:
         hint = f" (see `editsuite {e.ctx.info_name} --help`)" if e.ctx and e.ctx.parent else " (see `editsuite --help`)"
         typer.echo(f"error: {e.format_message()}{hint}", err=True)
         return 2
-    except click.exceptions.Exit as e:
+    except _EXITS as e:
         return e.exit_code
-    except click.Abort:
+    except _ABORTS:
         typer.echo("cancelled", err=True)
         return 130
     except KeyboardInterrupt:

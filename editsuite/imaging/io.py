@@ -256,8 +256,12 @@ def _orientation(im: Image.Image) -> int:
 
 
 def _apply_orientation(im: Image.Image, orientation: int) -> Image.Image:
+    """Upright pixels, without the EXIF block: its orientation tag is spent, and passing the image back
+    in (the CLI opens inputs once, then hands the images to the task) must not rotate it again."""
     method = _UNDO_ORIENTATION.get(orientation)
-    return im.transpose(method) if method is not None else im
+    out = im.transpose(method) if method is not None else im
+    out.info.pop("exif", None)
+    return out
 
 
 def _band_extrema(im: Image.Image) -> list[tuple[int, int]]:

@@ -47,7 +47,7 @@ class Upscale(Task):
     kinds = (ModelKind.UPSCALER, ModelKind.BASE)
 
     def run(self, image, prompt: str = "", *, scale: float = 4, noise_level: int = 20, tile: int | None = None,
-            overlap: int = 64, strength: float = 0.3, negative_prompt: str = "", steps: int = DEFAULT_STEPS,
+            overlap: int | None = None, strength: float = 0.3, negative_prompt: str = "", steps: int = DEFAULT_STEPS,
             guidance_scale: float | None = None, seed: int | None = None, scheduler: str | None = None,
             num_images: int = 1, eta: float = 0.0, callback: loop.StepCallback | None = None) -> TaskResult:
         if not 1 <= scale <= 8:
@@ -89,6 +89,7 @@ class Upscale(Task):
         b, m = self.bundle, self.bundle.manifest
         f = m.vae_scale_factor
         tile = tile or m.native_resolution
+        overlap = tile // 8 if overlap is None else overlap  # 64 px for 512 px tiles, as AUTOMATIC1111
         if tile < f or tile % f or not 0 <= overlap < tile // 2 + 1:
             raise UserError(f"tile must be a multiple of {f} and overlap between 0 and half the tile "
                             f"(got tile {tile}, overlap {overlap})")
