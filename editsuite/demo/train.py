@@ -1,0 +1,435 @@
+"""Train the demo model family from scratch: `python -m editsuite.demo.train [--stage all] [--scale 1.0]`.
+
+Stages, in order (each saves its result, so a later stage can be rerun alone):
+  vae       AutoencoderKL, factor 8, on 64x64 renders
+  base      CLIP text encoder + 4-channel UNet (epsilon), captions of the grammar, 10 % empty for guidance
+  inpaint   9-channel UNet started from the base UNet (extra input channels zero), text encoder frozen
+  upvae     AutoencoderKL, factor 4, for the x4 upscaler (latents rescaled to its 0.08333 scaling)
+  upscaler  7-channel UNet (v-prediction) + class_labels = noise level, on low/high-resolution pairs
+Then `export` writes the three diffusers folders into editsuite/demo/{base,inpainting,upscaler} in fp16.
+
+Fixed seeds throughout; the 200 evaluation prompts (`heldout_prompts`) never appear as training captions.
+Budgets are in optimiser steps, sized for about 90 minutes on a 2-core CPU; `--scale` multiplies them.
+Runs by hand, not in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+                       UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from editsuite.demo.scenes import render, sample_scene
+
+ROOT = Path(__file__).resolve().parent
+TOKENIZER = ROOT.parent / "configs" / "sd-v1" / "tokenizer"
+RES = 64  # native resolution of base and inpainting models
+HELDOUT_SEED, TRAIN_SEED = 20261127, 7
+
+BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+UP_BETAS = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+
+def heldout_prompts(n: int = 200) -> list[str]:
+    """The evaluation prompts: drawn from the grammar with their own seed, excluded from training."""
+    rng = np.random.default_rng(HELDOUT_SEED)
+    out: list[str] = []
+    while len(out) < n:
+        c = sample_scene(rng).caption()
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def scenes(n: int, rng: np.random.Generator, banned: set[str]) -> list:
+    out = []
+    while len(out) < n:
+        s = sample_scene(rng)
+        if s.caption() not in banned:
+            out.append(s)
+    return out
+
+
+class EMA:
+    def __init__(self, model, decay: float = 0.999):
+        self.decay, self.shadow = decay, copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model, step: int):
+        d = min(self.decay, (1 + step) / (10 + step))
+        for e, p in zip(self.shadow.parameters(), model.parameters()):
+            e.lerp_(p, 1 - d)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+
+
+def make_vae(blocks: list[int]) -> AutoencoderKL:
+    n = len(blocks)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * n,
+                         up_block_types=["UpDecoderBlock2D"] * n, block_out_channels=blocks, layers_per_block=1,
+                         latent_channels=4, norm_num_groups=16, sample_size=RES)
+
+
+def train_vae(vae: AutoencoderKL, steps: int, batch: int, make_batch, name: str) -> AutoencoderKL:
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    t0 = time.time()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, 1e-3)
+        x = make_batch(batch)
+        post = vae.encode(x).latent_dist
+        y = vae.decode(post.sample()).sample
+        loss = (y - x).abs().mean() + (y - x).pow(2).mean() + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"{name} step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_moments(vae: AutoencoderKL, images: np.ndarray, chunk: int = 256) -> torch.Tensor:
+    return torch.cat([vae.encode(to_tensor(images[i:i + chunk])).latent_dist.parameters
+                      for i in range(0, len(images), chunk)])
+
+
+def sample_latents(moments: torch.Tensor, scale: float) -> torch.Tensor:
+    mean, logvar = moments.chunk(2, dim=1)
+    return (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn_like(mean)) * scale
+
+
+def tokenize(tok: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
+    return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids
+
+
+def make_text_encoder(hidden: int = 32, layers: int = 3) -> CLIPTextModel:
+    """CLIP text model over the full CLIP vocabulary; the token table dominates its size (49408 x hidden)."""
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=max(1, hidden // 16),
+        num_hidden_layers=layers, max_position_embeddings=77, projection_dim=hidden, bos_token_id=49406,
+        eos_token_id=49407, pad_token_id=49407, hidden_act="quick_gelu"))
+
+
+def make_upscaler_text_encoder() -> CLIPTextModel:
+    """The upscaler is trained without prompts (its context is always that of ""), so its text encoder is a
+    minimal, seeded one: it keeps the pipeline's shape and the family's size small."""
+    torch.manual_seed(TRAIN_SEED)
+    return make_text_encoder(hidden=8, layers=1)
+
+
+def make_unet(in_channels: int, *, upscaler: bool = False) -> UNet2DConditionModel:
+    if upscaler:
+        return UNet2DConditionModel(
+            sample_size=RES // 4, in_channels=in_channels, out_channels=4, block_out_channels=(32, 64),
+            layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8, attention_head_dim=8,
+            norm_num_groups=16, num_class_embeds=1000)
+    return UNet2DConditionModel(
+        sample_size=RES // 8, in_channels=in_channels, out_channels=4, block_out_channels=(64, 96),
+        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
+        norm_num_groups=16)
+
+
+def train_unet(unet, text_encoder, *, steps: int, batch: int, make_batch, sched, name: str, lr: float,
+               train_text: bool) -> tuple:
+    """Diffusion training: make_batch(n) -> (x0 latents, ids, extra channels or None, class labels or None)."""
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    ema_u = EMA(unet)
+    ema_t = EMA(text_encoder) if train_text else None
+    text_encoder.train(train_text).requires_grad_(train_text)
+    unet.train()
+    acp = sched.alphas_cumprod
+    t0 = time.time()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr)
+        x0, ids, extra, labels = make_batch(batch)
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],))
+        xt = sched.add_noise(x0, noise, t)
+        if sched.config.prediction_type == "v_prediction":
+            a = acp[t].sqrt().view(-1, 1, 1, 1)
+            s = (1 - acp[t]).sqrt().view(-1, 1, 1, 1)
+            target = a * noise - s * x0
+        else:
+            target = noise
+        with torch.set_grad_enabled(train_text):
+            ctx = text_encoder(ids)[0]
+        inp = xt if extra is None else torch.cat([xt, extra], dim=1)
+        pred = unet(inp, t, ctx, class_labels=labels).sample
+        loss = F.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema_u.update(unet, step)
+        if ema_t:
+            ema_t.update(text_encoder, step)
+        if step % 100 == 0 or step == steps - 1:
+            log(f"{name} step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
+    return ema_u.shadow, (ema_t.shadow if ema_t else text_encoder.eval())
+
+
+class Trainer:
+    def __init__(self, work: Path, scale: float):
+        self.work, self.scale = work, scale
+        work.mkdir(parents=True, exist_ok=True)
+        self.tok = CLIPTokenizer.from_pretrained(TOKENIZER)
+        self.banned = set(heldout_prompts())
+        self.rng = np.random.default_rng(TRAIN_SEED)
+        torch.manual_seed(TRAIN_SEED)
+
+    def n(self, steps: int) -> int:
+        return max(1, int(steps * self.scale))
+
+    def renders(self, n: int, res: int = RES):
+        ss = scenes(n, self.rng, self.banned)
+        return ss, np.stack([render(s, res) for s in ss])
+
+    # -- stages -----------------------------------------------------------------------------------------
+
+    def vae(self):
+        vae = make_vae([16, 32, 32, 64])
+        vae = train_vae(vae, self.n(1100), 32, lambda b: to_tensor(self.renders(b)[1]), "vae")
+        lat = encode_moments(vae, self.renders(2048)[1])
+        scale = 1.0 / sample_latents(lat, 1.0).std().item()
+        vae.register_to_config(scaling_factor=round(scale, 5))
+        log(f"vae scaling factor {scale:.5f}")
+        vae.save_pretrained(self.work / "vae")
+
+    def base(self):
+        vae = AutoencoderKL.from_pretrained(self.work / "vae")
+        ss, imgs = self.renders(self.n(40000))
+        moments = encode_moments(vae, imgs)
+        ids = tokenize(self.tok, [s.caption() for s in ss])
+        empty = tokenize(self.tok, [""])[0]
+        log(f"base data: {len(ss)} scenes encoded")
+
+        def batch(b):
+            i = torch.from_numpy(self.rng.integers(0, len(ss), b))
+            x = sample_latents(moments[i], vae.config.scaling_factor)
+            c = ids[i].clone()
+            c[torch.from_numpy(self.rng.random(b) < 0.1)] = empty
+            return x, c, None, None
+
+        te = make_text_encoder()
+        unet = make_unet(4)
+        sched = DDPMScheduler(**BETAS, prediction_type="epsilon")
+        unet, te = train_unet(unet, te, steps=self.n(3400), batch=64, make_batch=batch, sched=sched, name="base",
+                              lr=6e-4, train_text=True)
+        unet.save_pretrained(self.work / "unet")
+        te.save_pretrained(self.work / "text_encoder")
+
+    def inpaint(self):
+        vae = AutoencoderKL.from_pretrained(self.work / "vae")
+        te = CLIPTextModel.from_pretrained(self.work / "text_encoder")
+        base = UNet2DConditionModel.from_pretrained(self.work / "unet")
+        unet = make_unet(9)
+        state = base.state_dict()
+        w = torch.zeros_like(unet.conv_in.weight)
+        w[:, :4] = state["conv_in.weight"]
+        state["conv_in.weight"] = w
+        unet.load_state_dict(state)
+        ss, imgs = self.renders(self.n(30000))
+        masks = np.stack([self.mask_for(s) for s in ss])  # (N, H, W) 1 = repaint
+        x = to_tensor(imgs)
+        moments = encode_moments(vae, imgs)
+        m = torch.from_numpy(masks)[:, None].float()
+        masked = x * (m < 0.5)
+        masked_moments = torch.cat([vae.encode(masked[i:i + 256]).latent_dist.parameters
+                                    for i in range(0, len(masked), 256)]).detach()
+        mask_lat = F.interpolate(m, size=(RES // 8, RES // 8))
+        ids = tokenize(self.tok, [s.caption() for s in ss])
+        empty = tokenize(self.tok, [""])[0]
+        sf = vae.config.scaling_factor
+        log(f"inpaint data: {len(ss)} scenes and masks encoded")
+
+        def batch(b):
+            i = torch.from_numpy(self.rng.integers(0, len(ss), b))
+            c = ids[i].clone()
+            c[torch.from_numpy(self.rng.random(b) < 0.1)] = empty
+            extra = torch.cat([mask_lat[i], sample_latents(masked_moments[i], sf)], dim=1)
+            return sample_latents(moments[i], sf), c, extra, None
+
+        sched = DDPMScheduler(**BETAS, prediction_type="epsilon")
+        unet, _ = train_unet(unet, te, steps=self.n(2000), batch=64, make_batch=batch, sched=sched, name="inpaint",
+                             lr=3e-4, train_text=False)
+        unet.save_pretrained(self.work / "unet_inpainting")
+
+    def mask_for(self, scene) -> np.ndarray:
+        """Training masks: an object's box grown by a margin (half), a random box, a side band, or all."""
+        m = np.zeros((RES, RES), np.float32)
+        r = self.rng.random()
+        if r < 0.5:
+            from editsuite.demo.scenes import PLACES, SIZES
+
+            o = scene.objects[self.rng.integers(len(scene.objects))]
+            cx, cy = (PLACES[o.place][0] + o.dx) * RES, (PLACES[o.place][1] + o.dy) * RES
+            half = SIZES[o.size] * RES / 2 + self.rng.integers(2, 9)
+            m[max(0, int(cy - half)):int(cy + half) + 1, max(0, int(cx - half)):int(cx + half) + 1] = 1
+        elif r < 0.75:
+            w, h = self.rng.integers(12, 48, 2)
+            x, y = self.rng.integers(0, RES - w), self.rng.integers(0, RES - h)
+            m[y:y + h, x:x + w] = 1
+        elif r < 0.9:
+            k = int(self.rng.integers(16, 40))
+            side = self.rng.integers(4)
+            if side == 0:
+                m[:, :k] = 1
+            elif side == 1:
+                m[:, -k:] = 1
+            elif side == 2:
+                m[:k] = 1
+            else:
+                m[-k:] = 1
+        else:
+            m[:] = 1
+        return m
+
+    def upvae(self):
+        vae = make_vae([16, 32, 64])
+        vae = train_vae(vae, self.n(700), 32, lambda b: to_tensor(self.hi_crops(b)[0]), "upvae")
+        lat = encode_moments(vae, self.hi_crops(1024)[0])
+        std = sample_latents(lat, 1.0).std().item()
+        # diffusers' upscale pipeline fixes the scaling at 0.08333: rescale the latent space to match, exactly,
+        # by scaling the posterior's mean (and variance) in quant_conv and undoing it in post_quant_conv.
+        k = (1 / 0.08333) / std
+        with torch.no_grad():
+            vae.quant_conv.weight[:4] *= k
+            vae.quant_conv.bias[:4] *= k
+            vae.quant_conv.bias[4:] += 2 * math.log(k)
+            vae.post_quant_conv.weight /= k
+        vae.register_to_config(scaling_factor=0.08333)
+        log(f"upvae latent std {std:.4f} rescaled by {k:.3f}")
+        vae.save_pretrained(self.work / "upvae")
+
+    def hi_crops(self, n: int):
+        """64x64 crops of 128x128 renders, and their 16x16 area-downsampled low-res versions."""
+        import cv2
+
+        hi, lo = [], []
+        for s in scenes(n, self.rng, self.banned):
+            img = render(s, 2 * RES)
+            x, y = self.rng.integers(0, RES // 4 + 1, 2) * 4
+            crop = img[y:y + RES, x:x + RES]
+            hi.append(crop)
+            lo.append(cv2.resize(crop, (RES // 4, RES // 4), interpolation=cv2.INTER_AREA))
+        return np.stack(hi), np.stack(lo)
+
+    def upscaler(self):
+        vae = AutoencoderKL.from_pretrained(self.work / "upvae")
+        te = make_upscaler_text_encoder()
+        te.save_pretrained(self.work / "text_encoder_upscaler")
+        hi, lo = self.hi_crops(self.n(24000))
+        moments = encode_moments(vae, hi)
+        low = to_tensor(lo)
+        low_sched = DDPMScheduler(**UP_BETAS)
+        empty = tokenize(self.tok, [""])
+        log(f"upscaler data: {len(hi)} pairs encoded")
+
+        def batch(b):
+            i = torch.from_numpy(self.rng.integers(0, len(hi), b))
+            level = torch.where(torch.rand(b) < 0.5, torch.randint(0, 41, (b,)), torch.randint(0, 351, (b,)))
+            noisy = low_sched.add_noise(low[i], torch.randn_like(low[i]), level)
+            return sample_latents(moments[i], 0.08333), empty.repeat(b, 1), noisy, level
+
+        unet = make_unet(7, upscaler=True)
+        sched = DDPMScheduler(**UP_BETAS, prediction_type="v_prediction")
+        unet, _ = train_unet(unet, te, steps=self.n(1800), batch=32, make_batch=batch, sched=sched, name="upscaler",
+                             lr=5e-4, train_text=False)
+        unet.save_pretrained(self.work / "unet_upscaler")
+
+    # -- export ------------------------------------------------------------------------------------------
+
+    def export(self):
+        dest = getattr(self, "dest", ROOT)
+        from diffusers import StableDiffusionPipeline, StableDiffusionUpscalePipeline
+
+        te = CLIPTextModel.from_pretrained(self.work / "text_encoder")
+        vae = AutoencoderKL.from_pretrained(self.work / "vae")
+        sched = DPMSolverMultistepScheduler(**BETAS, prediction_type="epsilon", steps_offset=1)
+        common = dict(text_encoder=te, tokenizer=self.tok, scheduler=sched, safety_checker=None,
+                      feature_extractor=None, requires_safety_checker=False)
+        for name, sub in (("base", "unet"), ("inpainting", "unet_inpainting")):
+            if (self.work / sub).exists():
+                unet = UNet2DConditionModel.from_pretrained(self.work / sub)
+                pipe = StableDiffusionPipeline(unet=unet, vae=vae, **common)
+                pipe.to(torch.float16).save_pretrained(dest / name, safe_serialization=True)
+                _slim(dest / name)
+                log(f"exported {dest / name}")
+        if (self.work / "unet_upscaler").exists():
+            pipe = StableDiffusionUpscalePipeline(
+                vae=AutoencoderKL.from_pretrained(self.work / "upvae"), tokenizer=self.tok,
+                text_encoder=CLIPTextModel.from_pretrained(self.work / "text_encoder_upscaler"),
+                unet=UNet2DConditionModel.from_pretrained(self.work / "unet_upscaler"),
+                low_res_scheduler=DDPMScheduler(**UP_BETAS),
+                scheduler=DDIMScheduler(**UP_BETAS, prediction_type="v_prediction", clip_sample=False,
+                                        set_alpha_to_one=False), max_noise_level=350)
+            pipe.to(torch.float16).save_pretrained(dest / "upscaler", safe_serialization=True)
+            _slim(dest / "upscaler")
+            log(f"exported {dest / 'upscaler'}")
+
+
+def _slim(folder: Path) -> None:
+    """The shipped CLIP tokenizer files (vocab.json + merges.txt, 1.4 MB) in place of the 3.5 MB
+    tokenizer.json that save_pretrained writes: the same tokenizer, smaller."""
+    import shutil
+
+    shutil.rmtree(folder / "tokenizer")
+    shutil.copytree(TOKENIZER, folder / "tokenizer")
+
+
+STAGES = ("vae", "base", "inpaint", "upvae", "upscaler", "export")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", default="all", choices=("all",) + STAGES)
+    ap.add_argument("--work", type=Path, default=Path("build/demo-train"))
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every step budget (0.05 for a smoke run)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dest", type=Path, default=ROOT, help="where export writes the three model folders")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    trainer = Trainer(args.work, args.scale)
+    trainer.dest = args.dest
+    t0 = time.time()
+    times = {}
+    for stage in STAGES if args.stage == "all" else (args.stage,):
+        s0 = time.time()
+        getattr(trainer, stage)()
+        times[stage] = round(time.time() - s0)
+        log(f"stage {stage} done in {times[stage]} s")
+    log(f"total {time.time() - t0:.0f} s")
+    (args.work / f"times-{args.stage}.json").write_text(json.dumps({**times, "total": round(time.time() - t0)}))
+
+
+if __name__ == "__main__":
+    main()
