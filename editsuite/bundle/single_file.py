@@ -324,26 +324,12 @@ def _read_json(file: Path) -> dict:
         raise UserError(f"cannot read {file} as JSON ({_reason(e)})") from None
 
 
-@contextlib.contextmanager
 def _empty_weights():
     """Create parameters on the meta device (no allocation, no random init); buffers stay real on the CPU.
+    The weights then come in with `load_state_dict(assign=True)`."""
+    from accelerate import init_empty_weights
 
-    The weights then come in with `load_state_dict(assign=True)`. Same idea as accelerate's
-    `init_empty_weights()`, which this avoids depending on.
-    """
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module, name, param):
-        register(module, name, param)
-        if param is not None:
-            p = module._parameters[name]
-            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
-
-    nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
+    return init_empty_weights(include_buffers=False)
 
 
 def _assign_weights(model: nn.Module, state_dict: dict, component: str, name: str, dtype: torch.dtype) -> nn.Module:
