@@ -209,6 +209,12 @@ class Trainer:
     def n(self, steps: int) -> int:
         return max(1, int(steps * self.scale))
 
+    def crops(self, images: np.ndarray, size: int = RES // 2) -> np.ndarray:
+        """Random size x size crops (on the 8-pixel grid): the VAE is convolutional, so it learns the same
+        edges and colours from a quarter of the pixels, four times faster."""
+        x, y = self.rng.integers(0, (images.shape[2] - size) // 8 + 1, 2) * 8
+        return images[:, y:y + size, x:x + size]
+
     def renders(self, n: int, res: int = RES):
         ss = scenes(n, self.rng, self.banned)
         return ss, np.stack([render(s, res) for s in ss])
@@ -216,8 +222,8 @@ class Trainer:
     # -- stages -----------------------------------------------------------------------------------------
 
     def vae(self):
-        vae = make_vae([16, 32, 32, 64])
-        vae = train_vae(vae, self.n(1100), 32, lambda b: to_tensor(self.renders(b)[1]), "vae")
+        vae = make_vae([16, 32, 64, 64])
+        vae = train_vae(vae, self.n(2600), 32, lambda b: to_tensor(self.crops(self.renders(b)[1])), "vae")
         lat = encode_moments(vae, self.renders(2048)[1])
         scale = 1.0 / sample_latents(lat, 1.0).std().item()
         vae.register_to_config(scaling_factor=round(scale, 5))
@@ -315,7 +321,7 @@ class Trainer:
 
     def upvae(self):
         vae = make_vae([16, 32, 64])
-        vae = train_vae(vae, self.n(700), 32, lambda b: to_tensor(self.hi_crops(b)[0]), "upvae")
+        vae = train_vae(vae, self.n(1600), 32, lambda b: to_tensor(self.crops(self.hi_crops(b)[0])), "upvae")
         lat = encode_moments(vae, self.hi_crops(1024)[0])
         std = sample_latents(lat, 1.0).std().item()
         # diffusers' upscale pipeline fixes the scaling at 0.08333: rescale the latent space to match, exactly,
@@ -424,6 +430,9 @@ def main(argv=None) -> None:
     times = {}
     for stage in STAGES if args.stage == "all" else (args.stage,):
         s0 = time.time()
+        # each stage has its own seed, so running stages one by one gives what `--stage all` gives
+        trainer.rng = np.random.default_rng(TRAIN_SEED + STAGES.index(stage))
+        torch.manual_seed(TRAIN_SEED + STAGES.index(stage))
         getattr(trainer, stage)()
         times[stage] = round(time.time() - s0)
         log(f"stage {stage} done in {times[stage]} s")

@@ -1,0 +1,71 @@
+"""Write the model cards (README.md) of the demo family from the training times and the scores:
+`python -m editsuite.demo.card --scores build/demo-scores.json`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from editsuite.demo import ROOT
+from editsuite.demo.scenes import __doc__ as GRAMMAR
+
+ROLE = {
+    "base": "4-channel UNet (epsilon prediction): txt2img, img2img, outpaint, tiled upscale, 4-channel inpaint.",
+    "inpainting": "9-channel UNet (latents + mask + masked-image latents), started from the base UNet.",
+    "upscaler": "x4 upscaler: 7-channel UNet (latents + noised low-res image, class_labels = noise level), "
+                "v-prediction, VAE factor 4 with scaling 0.08333. Trained without prompts: its prompt is ignored.",
+}
+
+
+def folder_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def card(name: str, times: dict, scores: dict, total_mb: float) -> str:
+    minutes = round(times.get("total", 0) / 60)
+    lines = [
+        f"# editsuite demo model: {name}",
+        "",
+        "A demo, not a general model. It knows one small world: simple shapes in plain colours on a plain",
+        "background, at 64x64 pixels (the upscaler: 16-32 px in, 4x out). It goes through exactly the same",
+        "loading, task and conversion code as a real Stable Diffusion checkpoint.",
+        "",
+        f"Role: {ROLE[name]}",
+        "",
+        "## Training data and caption grammar",
+        "Pictures drawn by `editsuite.demo.scenes`, exact at any resolution; captions follow this grammar:",
+        "```" + GRAMMAR.split("Caption grammar", 1)[1].split('A size or place')[0].rstrip() + "\n```",
+        "The 200 evaluation prompts (`editsuite.demo.train.heldout_prompts`) never appear as training captions.",
+        "",
+        "## Reproduce",
+        "`python -m editsuite.demo.train` (fixed seeds, 2-core CPU), then `python -m editsuite.demo.score` and",
+        "`python -m editsuite.demo.card`.",
+        f"Training time of the whole family on a 2-core CPU: {minutes} minutes "
+        f"({', '.join(f'{k} {round(v / 60)} min' for k, v in times.items() if k != 'total')}).",
+        f"Size of the whole family (three folders, fp16 safetensors): {total_mb:.1f} MB.",
+    ]
+    if scores:
+        lines += ["", "## Scores (`python -m editsuite.demo.score`)", "```", json.dumps(scores, indent=2), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--work", type=Path, default=Path("build/demo-train"), help="where train.py left times-*.json")
+    ap.add_argument("--scores", type=Path, default=None)
+    args = ap.parse_args(argv)
+    times: dict = {}
+    for f in sorted(args.work.glob("times-*.json")):  # one file per `--stage` run, or one for `all`
+        times.update({k: v for k, v in json.loads(f.read_text()).items() if k != "total"})
+    times["total"] = sum(times.values())
+    scores = json.loads(args.scores.read_text()) if args.scores else {}
+    folders = [ROOT / n for n in ROLE]
+    total_mb = sum(folder_size(f) for f in folders) / 1e6
+    for f in folders:
+        (f / "README.md").write_text(card(f.name, times, scores, total_mb))
+        print(f"wrote {f / 'README.md'}")
+
+
+if __name__ == "__main__":
+    main()

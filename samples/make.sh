@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Rebuild every file in samples/: inputs drawn by the demo world's renderer, outputs made by the CLI
+# with the built-in demo model. Run from the repository root with editsuite installed.
+set -euo pipefail
+cd "$(dirname "$0")"
+scene="a small red circle at the left and a green square, on a blue background"
+python -m editsuite.demo.draw "$scene" -o scene.png
+python -m editsuite.demo.draw "$scene" --mask 1 -o scene-mask.png
+python -m editsuite.demo.draw "a yellow triangle on a black background" --size 32 -o small.png
+o="--seed 1 --overwrite -q"
+editsuite txt2img -p "a red circle on a blue background" -o txt2img.png $o
+editsuite img2img scene.png -p "a small red circle at the left and a green square, on a white background" \
+  --strength 0.7 -o img2img.png $o
+editsuite inpaint scene.png --mask scene-mask.png \
+  -p "a small red circle at the left and a yellow triangle, on a blue background" -o inpaint.png $o
+editsuite outpaint scene.png -p "$scene" --right 32 -o outpaint.png $o
+editsuite upscale small.png -o upscale.png $o
