@@ -1,7 +1,8 @@
 """Train the demo model family from scratch: `python -m editsuite.demo.train [--stage all] [--scale 1.0]`.
 
 Stages, in order (each saves its result, so a later stage can be rerun alone):
-  vae       AutoencoderKL, factor 8, on 64x64 renders
+  vae       AutoencoderKL, factor 8, on 32x32 crops of 64x64 renders
+  vaetune   the same VAE on whole 64x64 renders, at a lower rate; sets the latent scaling factor
   base      CLIP text encoder + 4-channel UNet (epsilon), captions of the grammar, 10 % empty for guidance
   inpaint   9-channel UNet started from the base UNet (extra input channels zero), text encoder frozen
   upvae     AutoencoderKL, factor 4, for the x4 upscaler (latents rescaled to its 0.08333 scaling)
@@ -93,12 +94,13 @@ def make_vae(blocks: list[int]) -> AutoencoderKL:
                          latent_channels=4, norm_num_groups=16, sample_size=RES)
 
 
-def train_vae(vae: AutoencoderKL, steps: int, batch: int, make_batch, name: str) -> AutoencoderKL:
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+def train_vae(vae: AutoencoderKL, steps: int, batch: int, make_batch, name: str, lr: float = 1e-3) -> AutoencoderKL:
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    vae.train().requires_grad_(True)
     t0 = time.time()
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, 1e-3)
+            g["lr"] = lr_at(step, steps, lr)
         x = make_batch(batch)
         post = vae.encode(x).latent_dist
         y = vae.decode(post.sample()).sample
@@ -157,7 +159,7 @@ def make_unet(in_channels: int, *, upscaler: bool = False) -> UNet2DConditionMod
 
 
 def train_unet(unet, text_encoder, *, steps: int, batch: int, make_batch, sched, name: str, lr: float,
-               train_text: bool) -> tuple:
+               train_text: bool, checkpoint=None) -> tuple:
     """Diffusion training: make_batch(n) -> (x0 latents, ids, extra channels or None, class labels or None)."""
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -194,6 +196,8 @@ def train_unet(unet, text_encoder, *, steps: int, batch: int, make_batch, sched,
             ema_t.update(text_encoder, step)
         if step % 100 == 0 or step == steps - 1:
             log(f"{name} step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
+        if checkpoint is not None and step % 1000 == 999:  # so a long run can be looked at midway
+            checkpoint(ema_u.shadow, ema_t.shadow if ema_t else text_encoder)
     return ema_u.shadow, (ema_t.shadow if ema_t else text_encoder.eval())
 
 
@@ -224,6 +228,12 @@ class Trainer:
     def vae(self):
         vae = make_vae([16, 32, 64, 64])
         vae = train_vae(vae, self.n(2600), 32, lambda b: to_tensor(self.crops(self.renders(b)[1])), "vae")
+        vae.save_pretrained(self.work / "vae")
+
+    def vaetune(self):
+        """Whole 64x64 pictures at a lower rate: clean borders and sharper edges than crops alone give."""
+        vae = AutoencoderKL.from_pretrained(self.work / "vae")
+        vae = train_vae(vae, self.n(750), 32, lambda b: to_tensor(self.renders(b)[1]), "vaetune", lr=4e-4)
         lat = encode_moments(vae, self.renders(2048)[1])
         scale = 1.0 / sample_latents(lat, 1.0).std().item()
         vae.register_to_config(scaling_factor=round(scale, 5))
@@ -248,10 +258,12 @@ class Trainer:
         te = make_text_encoder()
         unet = make_unet(4)
         sched = DDPMScheduler(**BETAS, prediction_type="epsilon")
-        unet, te = train_unet(unet, te, steps=self.n(3400), batch=64, make_batch=batch, sched=sched, name="base",
-                              lr=6e-4, train_text=True)
-        unet.save_pretrained(self.work / "unet")
-        te.save_pretrained(self.work / "text_encoder")
+        def save(u, t):
+            u.save_pretrained(self.work / "unet")
+            t.save_pretrained(self.work / "text_encoder")
+
+        save(*train_unet(unet, te, steps=self.n(3400), batch=64, make_batch=batch, sched=sched, name="base",
+                         lr=6e-4, train_text=True, checkpoint=save))
 
     def inpaint(self):
         vae = AutoencoderKL.from_pretrained(self.work / "vae")
@@ -285,9 +297,11 @@ class Trainer:
             return sample_latents(moments[i], sf), c, extra, None
 
         sched = DDPMScheduler(**BETAS, prediction_type="epsilon")
-        unet, _ = train_unet(unet, te, steps=self.n(2000), batch=64, make_batch=batch, sched=sched, name="inpaint",
-                             lr=3e-4, train_text=False)
-        unet.save_pretrained(self.work / "unet_inpainting")
+        def save(u, _):
+            u.save_pretrained(self.work / "unet_inpainting")
+
+        save(*train_unet(unet, te, steps=self.n(2000), batch=64, make_batch=batch, sched=sched, name="inpaint",
+                         lr=3e-4, train_text=False, checkpoint=save))
 
     def mask_for(self, scene) -> np.ndarray:
         """Training masks: an object's box grown by a margin (half), a random box, a side band, or all."""
@@ -368,9 +382,11 @@ class Trainer:
 
         unet = make_unet(7, upscaler=True)
         sched = DDPMScheduler(**UP_BETAS, prediction_type="v_prediction")
-        unet, _ = train_unet(unet, te, steps=self.n(1800), batch=32, make_batch=batch, sched=sched, name="upscaler",
-                             lr=5e-4, train_text=False)
-        unet.save_pretrained(self.work / "unet_upscaler")
+        def save(u, _):
+            u.save_pretrained(self.work / "unet_upscaler")
+
+        save(*train_unet(unet, te, steps=self.n(1800), batch=32, make_batch=batch, sched=sched, name="upscaler",
+                         lr=5e-4, train_text=False, checkpoint=save))
 
     # -- export ------------------------------------------------------------------------------------------
 
@@ -412,7 +428,7 @@ def _slim(folder: Path) -> None:
     shutil.copytree(TOKENIZER, folder / "tokenizer")
 
 
-STAGES = ("vae", "base", "inpaint", "upvae", "upscaler", "export")
+STAGES = ("vae", "vaetune", "base", "inpaint", "upvae", "upscaler", "export")
 
 
 def main(argv=None) -> None:
