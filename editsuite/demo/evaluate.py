@@ -2,8 +2,9 @@
 
 Deterministic OpenCV/NumPy: every pixel takes the nearest named colour; the background is the commonest
 colour on the border; each other colour's connected regions are objects (mixed edge pixels belong to
-none), and an object's shape is the ideal circle, square or triangle in its bounding box that overlaps
-it best (intersection over union).
+none). An object's silhouette is taken at half level between its colour and the background's, and its
+shape is the ideal circle, square or triangle in the silhouette's bounding box that overlaps it best
+(intersection over union).
 """
 
 from __future__ import annotations
@@ -68,9 +69,26 @@ def classify_shape(mask: np.ndarray) -> tuple[str, float]:
     return best
 
 
+def _half_level_mask(px: np.ndarray, box, bg: np.ndarray, fg: np.ndarray, seed: np.ndarray) -> np.ndarray:
+    """The object's silhouette at half level: pixels in `box` closer to its colour than to the background's
+    along the line between the two (where a blurred or antialiased edge is 50 % through), kept where
+    connected to `seed`. Cropped to its own bounding box."""
+    x, y, bw, bh = box
+    d = fg - bg
+    t = ((px[y:y + bh, x:x + bw] - bg) @ d) / max(float(d @ d), 1e-6)
+    m = (t > 0.5).astype(np.uint8)
+    n, comp = cv2.connectedComponents(m, connectivity=4)
+    keep = np.isin(comp, np.unique(comp[seed & (comp > 0)]))
+    ys, xs = np.nonzero(keep)
+    if len(ys) == 0:
+        return seed
+    return keep[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+
+
 def analyse(image, *, min_area: float = 0.012) -> Analysis:
     """Background colour and objects (largest first) of a picture of the demo world."""
-    lab = labels(image)
+    px = np.asarray(image.convert("RGB") if isinstance(image, PIL.Image.Image) else image, np.float32)
+    lab = labels(px)
     h, w = lab.shape
     border = np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])
     bg = int(np.bincount(border[border >= 0] if (border >= 0).any() else [0], minlength=len(_NAMES)).argmax())
@@ -84,7 +102,11 @@ def analyse(image, *, min_area: float = 0.012) -> Analysis:
             x, y, bw, bh, area = (int(v) for v in stats[i])
             if area < min_area * h * w:
                 continue
-            shape, fit = classify_shape(comp[y:y + bh, x:x + bw] == i)
+            # look at the region's box grown by 2 px, where its blurred edge lies
+            x0, y0, x1, y1 = max(0, x - 2), max(0, y - 2), min(w, x + bw + 2), min(h, y + bh + 2)
+            seed = comp[y0:y1, x0:x1] == i
+            silhouette = _half_level_mask(px, (x0, y0, x1 - x0, y1 - y0), _PALETTE[bg], _PALETTE[k], seed)
+            shape, fit = classify_shape(silhouette)
             found.append(Found(_NAMES[k], shape, (x, y, bw, bh), area, fit))
     found.sort(key=lambda f: -f.area)
     return Analysis(_NAMES[bg], tuple(found))
