@@ -300,7 +300,7 @@ class Trainer:
         def save(u, _):
             u.save_pretrained(self.work / "unet_inpainting")
 
-        save(*train_unet(unet, te, steps=self.n(2000), batch=64, make_batch=batch, sched=sched, name="inpaint",
+        save(*train_unet(unet, te, steps=self.n(1600), batch=64, make_batch=batch, sched=sched, name="inpaint",
                          lr=3e-4, train_text=False, checkpoint=save))
 
     def mask_for(self, scene) -> np.ndarray:
