@@ -82,3 +82,12 @@ def test_outpaint_canvas_and_masks(photo):
 def test_outpaint_needs_a_side(base, photo):
     with pytest.raises(editsuite.UserError, match="nothing to extend"):
         editsuite.Outpaint(base).run(photo, "x")
+
+
+def test_preview_from_a_step_callback(base):
+    from editsuite.core.loop import preview
+
+    shown = []
+    editsuite.Txt2Img(base).run("x", steps=2, seed=1, scheduler="euler",
+                                callback=lambda s: shown.append(preview(base, s.latents)[0].size))
+    assert shown == [(64, 64), (64, 64)]

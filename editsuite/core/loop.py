@@ -35,6 +35,12 @@ class Step:
 StepCallback = Callable[[Step], "bool | None"]  # return False to cancel
 
 
+def preview(bundle, latents: torch.Tensor) -> list:
+    """A step's latents as pictures (a full VAE decode), for live previews from a step callback:
+    `callback=lambda step: show(preview(bundle, step.latents)[0])`."""
+    return decode(bundle, latents)
+
+
 @dataclasses.dataclass
 class KnownRegion:
     """4-channel inpainting: after each step, keep the noised original where `mask` is 0.
