@@ -411,28 +411,28 @@ def _user_errors(what: str):
         raise UserError(f"{what}: {_reason(e)}") from None
 
 
+def _build_diffusers_model(cls, subfolder: str, label: str, to_state_dict, checkpoint: dict, folder: Path,
+                           dtype: torch.dtype, name: str):
+    """A UNet or VAE built empty from its config folder, then filled with the converted checkpoint weights."""
+    with _user_errors(f"invalid {label} config {folder / subfolder / 'config.json'}"):
+        config = dict(cls.load_config(str(folder / subfolder), local_files_only=True))
+        with _empty_weights():
+            model = cls.from_config(config)
+    with _user_errors(f"{name}: the {label} weights do not match the {label} config"):
+        state_dict = to_state_dict(checkpoint, config)
+    return _assign_weights(model, state_dict, label, name, dtype)
+
+
 def _build_unet(checkpoint: dict, folder: Path, dtype: torch.dtype, name: str):
     from diffusers import UNet2DConditionModel
 
-    with _user_errors(f"invalid UNet config {folder / 'unet' / 'config.json'}"):
-        config = dict(UNet2DConditionModel.load_config(str(folder / "unet"), local_files_only=True))
-        with _empty_weights():
-            unet = UNet2DConditionModel.from_config(config)
-    with _user_errors(f"{name}: the UNet weights do not match the UNet config"):
-        state_dict = unet_state_dict(checkpoint, config)
-    return _assign_weights(unet, state_dict, "UNet", name, dtype)
+    return _build_diffusers_model(UNet2DConditionModel, "unet", "UNet", unet_state_dict, checkpoint, folder, dtype, name)
 
 
 def _build_vae(checkpoint: dict, folder: Path, dtype: torch.dtype, name: str):
     from diffusers import AutoencoderKL
 
-    with _user_errors(f"invalid VAE config {folder / 'vae' / 'config.json'}"):
-        config = dict(AutoencoderKL.load_config(str(folder / "vae"), local_files_only=True))
-        with _empty_weights():
-            vae = AutoencoderKL.from_config(config)
-    with _user_errors(f"{name}: the VAE weights do not match the VAE config"):
-        state_dict = vae_state_dict(checkpoint, config)
-    return _assign_weights(vae, state_dict, "VAE", name, dtype)
+    return _build_diffusers_model(AutoencoderKL, "vae", "VAE", vae_state_dict, checkpoint, folder, dtype, name)
 
 
 def _build_text_encoder(checkpoint: dict, folder: Path, model_type: str, dtype: torch.dtype, name: str):
