@@ -114,9 +114,13 @@ def train_vae(vae: AutoencoderKL, steps: int, batch: int, make_batch, name: str,
 
 
 @torch.no_grad()
-def encode_moments(vae: AutoencoderKL, images: np.ndarray, chunk: int = 256) -> torch.Tensor:
-    return torch.cat([vae.encode(to_tensor(images[i:i + chunk])).latent_dist.parameters
-                      for i in range(0, len(images), chunk)])
+def encode_moments(vae: AutoencoderKL, images, chunk: int = 256) -> torch.Tensor:
+    """uint8 pictures (N, H, W, 3) or pixels (N, 3, H, W) in [-1, 1] -> VAE moments (N, 8, h, w)."""
+    def pixels(i):
+        part = images[i:i + chunk]
+        return part if isinstance(part, torch.Tensor) else to_tensor(part)
+
+    return torch.cat([vae.encode(pixels(i)).latent_dist.parameters for i in range(0, len(images), chunk)])
 
 
 def sample_latents(moments: torch.Tensor, scale: float) -> torch.Tensor:
@@ -278,11 +282,9 @@ class Trainer:
         ss, imgs = self.renders(self.n(30000))
         masks = np.stack([self.mask_for(s) for s in ss])  # (N, H, W) 1 = repaint
         x = to_tensor(imgs)
-        moments = encode_moments(vae, imgs)
+        moments = encode_moments(vae, x)
         m = torch.from_numpy(masks)[:, None].float()
-        masked = x * (m < 0.5)
-        masked_moments = torch.cat([vae.encode(masked[i:i + 256]).latent_dist.parameters
-                                    for i in range(0, len(masked), 256)]).detach()
+        masked_moments = encode_moments(vae, x * (m < 0.5))
         mask_lat = F.interpolate(m, size=(RES // 8, RES // 8))
         ids = tokenize(self.tok, [s.caption() for s in ss])
         empty = tokenize(self.tok, [""])[0]
