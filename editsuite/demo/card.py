@@ -43,7 +43,7 @@ def card(name: str, times: dict, scores: dict, total_mb: float) -> str:
         "`python -m editsuite.demo.card`.",
         f"Training time of the whole family on a 2-core CPU: {minutes} minutes "
         f"({', '.join(f'{k} {round(v / 60)} min' for k, v in times.items() if k != 'total')}).",
-        f"Size of the whole family (three folders, fp16 safetensors): {total_mb:.1f} MB.",
+        f"Size of the whole family (three folders, fp16 safetensors): {total_mb:.1f} MiB.",
     ]
     if scores:
         lines += ["", "## Scores (`python -m editsuite.demo.score`)", "```", json.dumps(scores, indent=2), "```"]
@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     times["total"] = sum(times.values())
     scores = json.loads(args.scores.read_text()) if args.scores else {}
     folders = [ROOT / n for n in ROLE]
-    total_mb = sum(folder_size(f) for f in folders) / 1e6
+    total_mb = sum(folder_size(f) for f in folders) / 2**20
     for f in folders:
         (f / "README.md").write_text(card(f.name, times, scores, total_mb))
         print(f"wrote {f / 'README.md'}")
