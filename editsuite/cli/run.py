@@ -53,9 +53,8 @@ def execute(job: Job) -> None:
                     scheduler=job.opt("scheduler"), num_images=job.opt("num_images")).validated()
     if common.scheduler is not None and common.scheduler not in scheduler_choices():
         raise UserError(f"unknown scheduler {common.scheduler!r}; use one of: {', '.join(scheduler_choices())}")
-    for key in ("strength",):
-        if key in job.task_args:
-            check_strength(job.task_args[key])
+    if "strength" in job.task_args:
+        check_strength(job.task_args["strength"])
     for key in ("width", "height"):
         check_size(job.task_args.get(key), key)
     # 2. Open every input (and mask) now, so a bad file stops the run before anything is written

@@ -9,7 +9,7 @@ import PIL.Image
 from editsuite.core import loop
 from editsuite.errors import UserError
 from editsuite.imaging.io import open_image
-from editsuite.tasks.base import DEFAULT_GUIDANCE, DEFAULT_STEPS, Common, TaskResult
+from editsuite.tasks.base import DEFAULT_GUIDANCE, DEFAULT_STEPS, Common, TaskResult, check_strength
 from editsuite.tasks.inpaint import Inpaint
 
 
@@ -51,7 +51,7 @@ class Outpaint(Inpaint):
         # 2. Canvas and masks, then the shared inpainting core
         canvas, mask, overlay = extend_canvas(image, left, right, top, bottom, feather)
         common = Common(prompt, negative_prompt, steps, guidance_scale, seed, scheduler, num_images, eta)
-        return self.generate(canvas, mask, overlay, common, strength=1.0 if strength is None else strength,
+        return self.generate(canvas, mask, overlay, common, strength=check_strength(strength),
                              crop_padding=None, overlay=True, width=None, height=None, callback=callback,
                              extra=dict(**sides, feather=feather, strength=strength,
                                         input_size=[image.width, image.height]))
