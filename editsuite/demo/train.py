@@ -5,7 +5,8 @@ Stages, in order (each saves its result, so a later stage can be rerun alone):
   vaetune   the same VAE on whole 64x64 renders, at a lower rate; sets the latent scaling factor
   base      CLIP text encoder + 4-channel UNet (epsilon), captions of the grammar, 10 % empty for guidance
   inpaint   9-channel UNet started from the base UNet (extra input channels zero), text encoder frozen
-  upvae     AutoencoderKL, factor 4, for the x4 upscaler (latents rescaled to its 0.08333 scaling)
+  upvae     AutoencoderKL, factor 4, for the x4 upscaler, on crops
+  upvaetune the same on whole pictures; latents rescaled to the upscaler's 0.08333 scaling
   upscaler  7-channel UNet (v-prediction) + class_labels = noise level, on low/high-resolution pairs
 Then `export` writes the three diffusers folders into editsuite/demo/{base,inpainting,upscaler} in fp16.
 
@@ -338,6 +339,12 @@ class Trainer:
     def upvae(self):
         vae = make_vae([16, 32, 64])
         vae = train_vae(vae, self.n(1600), 32, lambda b: to_tensor(self.crops(self.hi_crops(b)[0])), "upvae")
+        vae.save_pretrained(self.work / "upvae-crops")
+
+    def upvaetune(self):
+        """As `vaetune`: whole 64x64 pictures, for clean borders; then the latent rescaling."""
+        vae = AutoencoderKL.from_pretrained(self.work / "upvae-crops")
+        vae = train_vae(vae, self.n(700), 32, lambda b: to_tensor(self.hi_crops(b)[0]), "upvaetune", lr=4e-4)
         lat = encode_moments(vae, self.hi_crops(1024)[0])
         std = sample_latents(lat, 1.0).std().item()
         # diffusers' upscale pipeline fixes the scaling at 0.08333: rescale the latent space to match, exactly,
@@ -387,7 +394,7 @@ class Trainer:
         def save(u, _):
             u.save_pretrained(self.work / "unet_upscaler")
 
-        save(*train_unet(unet, te, steps=self.n(1800), batch=32, make_batch=batch, sched=sched, name="upscaler",
+        save(*train_unet(unet, te, steps=self.n(1500), batch=32, make_batch=batch, sched=sched, name="upscaler",
                          lr=5e-4, train_text=False, checkpoint=save))
 
     # -- export ------------------------------------------------------------------------------------------
@@ -430,7 +437,7 @@ def _slim(folder: Path) -> None:
     shutil.copytree(TOKENIZER, folder / "tokenizer")
 
 
-STAGES = ("vae", "vaetune", "base", "inpaint", "upvae", "upscaler", "export")
+STAGES = ("vae", "vaetune", "base", "inpaint", "upvae", "upvaetune", "upscaler", "export")
 
 
 def main(argv=None) -> None:
