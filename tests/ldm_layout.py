@@ -43,7 +43,6 @@ def _resnet_sub(sub: str) -> str:
 def unet_to_ldm(state_dict: dict, config) -> dict:
     """diffusers UNet2DConditionModel state dict -> `model.diffusion_model.*` keys."""
     per_block = config["layers_per_block"]
-    n_blocks = len(config["block_out_channels"])
     up_has_attn = ["CrossAttn" in t for t in config["up_block_types"]]
     out = {}
     simple = {

@@ -4,7 +4,6 @@ line on stderr, exit code 2, and nothing written."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -15,12 +14,10 @@ import torch
 from editsuite.bundle.manifest import Manifest, ModelKind, manifest_from_configs
 from editsuite.errors import UserError
 
-log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BACKENDS = ("auto", "torch", "coreml")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 
 
 @dataclasses.dataclass
