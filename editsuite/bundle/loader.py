@@ -30,6 +30,7 @@ class ModelBundle:
     scheduler_config: dict  # the model's own scheduler config (diffusers format)
     low_res_scheduler: Any = None  # x4 upscaler only: DDPMScheduler that noises the low-res input
     weights_path: Path | None = None  # file hashed for the "Model hash" shown in PNG metadata
+    notice: str | None = None  # a line the CLI shows once (e.g. the Core ML backend running off macOS)
 
     @property
     def kind(self) -> ModelKind:
@@ -121,11 +122,12 @@ def load_bundle(
     *,
     allow_pickle: bool = False,
     config: str | os.PathLike | None = None,
+    compute_units: str = "all",
 ) -> ModelBundle:
     """Load a model from a diffusers folder, a single-file checkpoint, a converted Core ML bundle or a hub id.
 
     `config` names a diffusers config folder for a single-file checkpoint whose architecture differs from
-    the shipped SD 1.x/2.x configs.
+    the shipped SD 1.x/2.x configs. `compute_units` picks where Core ML runs a converted bundle on macOS.
     """
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; use one of: {', '.join(BACKENDS)}")
@@ -135,7 +137,7 @@ def load_bundle(
             raise UserError(f"{path} is a converted Core ML bundle; load it with --backend coreml or auto")
         from editsuite.bundle.coreml_backend import load_coreml_bundle  # optional extra
 
-        return load_coreml_bundle(path, device=device)
+        return load_coreml_bundle(path, compute_units=compute_units)
     if backend == "coreml":
         raise UserError(f"{path} is not a converted Core ML bundle; make one with `editsuite convert {path} -o OUT`")
     dev = resolve_device(device)

@@ -189,7 +189,7 @@ def rewrite_unet(unet: UNet2DConditionModel, attention: str | AttentionVariant =
     # the remaining Linears work on vectors: time embedding and the resnets' time projections
     _swap_linears(ane, vector=True)
     ane.load_state_dict(unet.state_dict())
-    return ane.to(unet.dtype).eval()
+    return (ane if ane.dtype == unet.dtype else ane.to(unet.dtype)).eval()
 
 
 def count_linears(module: nn.Module) -> int:

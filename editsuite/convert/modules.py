@@ -1,0 +1,187 @@
+"""The four shared modules as traceable torch modules with fixed, named inputs and outputs (build time).
+
+- `TextEncoder`: input_ids (1, 77) int32 -> last_hidden_state (1, 77, D)
+- `Unet`: sample (2, C_in, h, w), timestep (2,), encoder_hidden_states (2, 77, D) [, class_labels (2,) int32]
+  -> noise_pred (2, 4, h, w). Built on the ANE rewrites; optionally one of two chunks.
+- `VAEEncoder`: image (1, 3, H, W) in [-1, 1] -> moments (1, 8, h, w)
+- `VAEDecoder`: z (1, 4, h, w), unscaled latents -> image (1, 3, H, W)
+
+The UNet's forward is written out here as three stages (embed + down + mid, up, out) instead of calling
+diffusers' forward: the chunked UNet must stop between up blocks and hand the remaining skip connections
+to the second chunk, which diffusers' single forward cannot do. Every stage calls diffusers' own blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from diffusers import UNet2DConditionModel
+
+from editsuite.convert.ane import rewrite_unet
+
+
+class GroupNorm4D(nn.Module):
+    """GroupNorm that never leaves rank 4: (B, C, H, W) -> (B, G, C/G, H*W), statistics over the last two
+    axes. torch's group_norm converts to rank-5 tensors, which the Neural Engine handles badly; the same
+    `weight`/`bias` keys load unchanged."""
+
+    def __init__(self, norm: nn.GroupNorm):
+        super().__init__()
+        self.groups, self.eps = norm.num_groups, norm.eps
+        self.weight = nn.Parameter(norm.weight.detach().clone())
+        self.bias = nn.Parameter(norm.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        g = x.reshape(b, self.groups, c // self.groups, h * w)
+        mean = g.mean(dim=(2, 3), keepdim=True)
+        centred = g - mean
+        var = (centred * centred).mean(dim=(2, 3), keepdim=True)
+        g = centred * torch.rsqrt(var + self.eps)
+        return g.reshape(b, c, h, w) * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
+def rank4_group_norms(module: nn.Module) -> nn.Module:
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.GroupNorm):
+            setattr(module, name, GroupNorm4D(child))
+        else:
+            rank4_group_norms(child)
+    return module
+
+
+class TextEncoder(nn.Module):
+    inputs = ("input_ids",)
+    outputs = ("last_hidden_state",)
+
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.model = text_encoder
+
+    def forward(self, input_ids):
+        return self.model(input_ids.long(), return_dict=False)[0]
+
+
+class VAEEncoder(nn.Module):
+    inputs = ("image",)
+    outputs = ("moments",)
+
+    def __init__(self, vae):
+        super().__init__()
+        self.encoder, self.quant_conv = vae.encoder, vae.quant_conv
+
+    def forward(self, image):
+        h = self.encoder(image)
+        return h if self.quant_conv is None else self.quant_conv(h)
+
+
+class VAEDecoder(nn.Module):
+    inputs = ("z",)
+    outputs = ("image",)
+
+    def __init__(self, vae):
+        super().__init__()
+        self.decoder, self.post_quant_conv = vae.decoder, vae.post_quant_conv
+
+    def forward(self, z):
+        return self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z))
+
+
+def _has_cross(block) -> bool:
+    return getattr(block, "has_cross_attention", False)
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def chunk_split(unet: UNet2DConditionModel) -> int:
+    """Index of the first up block of the second chunk: the split with the weights closest to half."""
+    total = _params(unet)
+    first = total - sum(_params(b) for b in unet.up_blocks) - _params(unet.conv_out) - _params(unet.conv_norm_out)
+    best, best_gap = 1, float("inf")
+    for k in range(1, len(unet.up_blocks)):
+        part = first + sum(_params(b) for b in unet.up_blocks[:k])
+        if abs(2 * part - total) < best_gap:
+            best, best_gap = k, abs(2 * part - total)
+    return best
+
+
+class Unet(nn.Module):
+    """The ANE-rewritten UNet, whole (`part=None`) or one of two chunks (`part=1|2`, split at `split`).
+
+    Chunk 1 returns the hidden state after up block `split - 1`, the time embedding and the skip
+    connections chunk 2 still needs (`res_0`, `res_1`, ...); chunk 2 takes those and finishes."""
+
+    def __init__(self, unet: UNet2DConditionModel, attention: str = "split-einsum", part: int | None = None,
+                 split: int | None = None):
+        super().__init__()
+        self.unet = rank4_group_norms(rewrite_unet(unet, attention))
+        self.part = part
+        self.split = chunk_split(unet) if split is None else split
+        self.class_labels = unet.config.num_class_embeds is not None or unet.config.class_embed_type is not None
+        n_res = 1 + sum(len(b.resnets) + (1 if b.downsamplers else 0) for b in unet.down_blocks)
+        self.n_left = n_res - sum(len(b.resnets) for b in unet.up_blocks[: self.split])
+        head = ["sample", "timestep", "encoder_hidden_states"] + (["class_labels"] if self.class_labels else [])
+        left = [f"res_{i}" for i in range(self.n_left)]
+        if part is None:
+            self.inputs, self.outputs = tuple(head), ("noise_pred",)
+        elif part == 1:
+            self.inputs, self.outputs = tuple(head), ("hidden_states", "temb", *left)
+        else:
+            self.inputs, self.outputs = ("hidden_states", "temb", "encoder_hidden_states", *left), ("noise_pred",)
+
+    def _embed(self, sample, timestep, class_labels):
+        u = self.unet
+        emb = u.time_embedding(u.time_proj(timestep).to(sample.dtype))
+        if u.class_embedding is not None:
+            if u.config.class_embed_type == "timestep":
+                class_labels = u.time_proj(class_labels).to(sample.dtype)
+            else:
+                class_labels = class_labels.long()
+            emb = emb + u.class_embedding(class_labels).to(sample.dtype)
+        return emb
+
+    def _up(self, x, emb, ctx, res, blocks):
+        for block in blocks:
+            n = len(block.resnets)
+            skip, res = res[-n:], res[:-n]
+            if _has_cross(block):
+                x = block(hidden_states=x, temb=emb, res_hidden_states_tuple=skip, encoder_hidden_states=ctx)
+            else:
+                x = block(hidden_states=x, temb=emb, res_hidden_states_tuple=skip)
+        return x, res
+
+    def _head(self, sample, timestep, ctx, class_labels):
+        u = self.unet
+        emb = self._embed(sample, timestep, class_labels)
+        x = u.conv_in(sample)
+        res = (x,)
+        for block in u.down_blocks:
+            if _has_cross(block):
+                x, r = block(hidden_states=x, temb=emb, encoder_hidden_states=ctx)
+            else:
+                x, r = block(hidden_states=x, temb=emb)
+            res += r
+        x = u.mid_block(x, emb, encoder_hidden_states=ctx)
+        return x, emb, res
+
+    def _tail(self, x):
+        u = self.unet
+        if u.conv_norm_out is not None:
+            x = u.conv_act(u.conv_norm_out(x))
+        return u.conv_out(x)
+
+    def forward(self, *args):
+        u = self.unet
+        if self.part == 2:
+            x, emb, ctx, *res = args
+            x, _ = self._up(x, emb, ctx, tuple(res), u.up_blocks[self.split:])
+            return self._tail(x)
+        sample, timestep, ctx = args[:3]
+        x, emb, res = self._head(sample, timestep, ctx, args[3] if self.class_labels else None)
+        if self.part == 1:
+            x, res = self._up(x, emb, ctx, res, u.up_blocks[: self.split])
+            return (x, emb, *res)
+        x, _ = self._up(x, emb, ctx, res, u.up_blocks)
+        return self._tail(x)
