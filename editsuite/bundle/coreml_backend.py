@@ -36,8 +36,9 @@ class _Package:
     def run(self, **arrays: np.ndarray) -> dict[str, np.ndarray]:
         if self._model is None:
             if self.use_coreml:
-                import coremltools as ct
+                from editsuite.bundle.mil_executor import import_coremltools
 
+                ct = import_coremltools()
                 self._model = ct.models.MLModel(str(self.path),
                                                 compute_units=getattr(ct.ComputeUnit, COMPUTE_UNITS[self.compute_units]))
             else:

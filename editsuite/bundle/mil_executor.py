@@ -326,14 +326,25 @@ def _weights_dir(package: Path) -> Path:
     return package / "Data" / "com.apple.CoreML" / "weights"
 
 
+def import_coremltools():
+    """coremltools, imported quietly: off macOS it logs a line per missing native proxy, and a warning for
+    any torch newer than it was tested with; neither means anything for editsuite's use of it."""
+    import logging
+
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    try:
+        import coremltools
+    except ImportError:
+        raise UserError("Core ML conversion and bundles need coremltools; install it with: "
+                        "pip install 'editsuite[coreml]'") from None
+    return coremltools
+
+
 def load_program(package: str | Path):
     """The package's MIL program (coremltools' Program), read back without Core ML."""
-    try:
-        import coremltools as ct
-        from coremltools.converters.mil.frontend.milproto.load import load
-    except ImportError:
-        raise UserError("running a Core ML bundle off macOS needs coremltools; install it with: "
-                        "pip install 'editsuite[coreml]'") from None
+    ct = import_coremltools()
+    from coremltools.converters.mil.frontend.milproto.load import load
+
     package = Path(package)
     if not (package / "Manifest.json").is_file():
         raise UserError(f"{package} is not a Core ML package (.mlpackage); convert again with `editsuite convert`")
@@ -371,6 +382,9 @@ class Program:
         self.input_names = list(main.inputs)
         self.output_names = [v.name for v in main.outputs]
         self.consts: dict[str, Any] = {}
+        # the largest rank of any tensor in the program (the Neural Engine wants at most 4)
+        self.max_rank = max((len(v.shape) for o in main.operations for v in o.outputs if v.shape is not None),
+                            default=0)
         self.steps: list[tuple[str, dict, list[str]]] = []  # (op type, {param: name | [names] | None}, outputs)
         for o in main.operations:
             if o.op_type == "const" or o.op_type.startswith("constexpr_"):

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import click
 import typer
 
-from editsuite.cli.options import (AllowPickle, Backend, Device, Dtype, Guidance, Height, Inputs, Json, MaxPixels,
+from editsuite.cli.options import (AllowPickle, Backend, ComputeUnits, Device, Dtype, Guidance, Height, Inputs, Json, MaxPixels,
                                    Model, Negative, NumImages, OptGuidance, OptPrompt, Output, Overwrite, Prompt,
                                    Quiet, Scheduler, Seed, Steps, Strength, Width)
 from editsuite.cli.run import Job, execute
@@ -31,7 +32,7 @@ def txt2img(
     prompt: Prompt, negative_prompt: Negative = "", width: Width = None, height: Height = None,
     steps: Steps = DEFAULT_STEPS, guidance: Guidance = DEFAULT_GUIDANCE, seed: Seed = None,
     scheduler: Scheduler = None, num_images: NumImages = 1, output: Output = None, model: Model = None,
-    backend: Backend = "auto", device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False,
+    backend: Backend = "auto", compute_units: ComputeUnits = "all", device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False,
     quiet: Quiet = False, json_out: Json = False, allow_pickle: AllowPickle = False,
 ):
     """Paint a picture from a prompt."""
@@ -43,7 +44,7 @@ def img2img(
     inputs: Inputs, prompt: Prompt, strength: Strength = 0.75, negative_prompt: Negative = "",
     width: Width = None, height: Height = None, steps: Steps = DEFAULT_STEPS, guidance: Guidance = DEFAULT_GUIDANCE,
     seed: Seed = None, scheduler: Scheduler = None, num_images: NumImages = 1, output: Output = None,
-    model: Model = None, backend: Backend = "auto", device: Device = "auto", dtype: Dtype = "auto",
+    model: Model = None, backend: Backend = "auto", compute_units: ComputeUnits = "all", device: Device = "auto", dtype: Dtype = "auto",
     overwrite: Overwrite = False, quiet: Quiet = False, json_out: Json = False, allow_pickle: AllowPickle = False,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
 ):
@@ -64,7 +65,7 @@ def inpaint(
     resize_mask: bool = typer.Option(False, "--resize-mask", help="Stretch a mask of another size to the image."),
     negative_prompt: Negative = "", width: Width = None, height: Height = None, steps: Steps = DEFAULT_STEPS,
     guidance: Guidance = DEFAULT_GUIDANCE, seed: Seed = None, scheduler: Scheduler = None,
-    num_images: NumImages = 1, output: Output = None, model: Model = None, backend: Backend = "auto",
+    num_images: NumImages = 1, output: Output = None, model: Model = None, backend: Backend = "auto", compute_units: ComputeUnits = "all",
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
     json_out: Json = False, allow_pickle: AllowPickle = False, max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
 ):
@@ -85,7 +86,7 @@ def outpaint(
     feather: int = typer.Option(16, min=0, help="Fade the new area in over this many pixels from the edge."),
     negative_prompt: Negative = "", steps: Steps = DEFAULT_STEPS, guidance: Guidance = DEFAULT_GUIDANCE,
     seed: Seed = None, scheduler: Scheduler = None, num_images: NumImages = 1, output: Output = None,
-    model: Model = None, backend: Backend = "auto", device: Device = "auto", dtype: Dtype = "auto",
+    model: Model = None, backend: Backend = "auto", compute_units: ComputeUnits = "all", device: Device = "auto", dtype: Dtype = "auto",
     overwrite: Overwrite = False, quiet: Quiet = False, json_out: Json = False, allow_pickle: AllowPickle = False,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
 ):
@@ -107,7 +108,7 @@ def upscale(
     noise_level: int = typer.Option(20, min=0, help="x4 upscaler: noise added to the low-res input."),
     negative_prompt: Negative = "", steps: Steps = DEFAULT_STEPS, guidance: OptGuidance = None, seed: Seed = None,
     scheduler: Scheduler = None, num_images: NumImages = 1, output: Output = None, model: Model = None,
-    backend: Backend = "auto", device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False,
+    backend: Backend = "auto", compute_units: ComputeUnits = "all", device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False,
     quiet: Quiet = False, json_out: Json = False, allow_pickle: AllowPickle = False,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
 ):
@@ -128,6 +129,56 @@ def info(
     typer.echo(json.dumps(bundle.identity(), indent=2))
 
 
+@app.command()
+def convert(
+    model: str = typer.Argument(..., help="Diffusers folder, .safetensors checkpoint or hub id to convert."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for the Core ML bundle."),
+    resolution: list[str] = typer.Option(
+        [], "--resolution", "-r", help="WIDTHxHEIGHT in pixels; repeat for several sizes in one bundle. "
+        "Default: the model's native size."),
+    attention: str = typer.Option("split-einsum", help="original, split-einsum or split-einsum-v2."),
+    quantize_bits: Optional[int] = typer.Option(None, help="Compress weights: 8 (int8), 6 or 4 (palettized)."),
+    chunk_unet: bool = typer.Option(False, "--chunk-unet", help="Split the UNet into two packages."),
+    components: list[str] = typer.Option([], "--components", help="Convert only these: text_encoder, unet, "
+                                         "vae_encoder, vae_decoder (repeat the option)."),
+    overwrite: Overwrite = False, quiet: Quiet = False, allow_pickle: AllowPickle = False,
+):
+    """Convert a model into Core ML packages laid out for the Apple Neural Engine."""
+    from editsuite.convert.coreml import convert as run_convert, parse_resolution
+
+    sizes = [parse_resolution(r) for r in resolution]
+    say = None if quiet else (lambda msg: typer.echo(msg, err=True))
+    out = run_convert(model, output, resolutions=sizes, attention=attention, quantize_bits=quantize_bits,
+                      chunk_unet=chunk_unet, components=components, allow_pickle=allow_pickle, overwrite=overwrite,
+                      progress=say)
+    if not quiet:
+        typer.echo(f"wrote {out}", err=True)
+
+
+@app.command()
+def verify(
+    bundle: Path = typer.Argument(..., help="A converted Core ML bundle."),
+    against: Optional[str] = typer.Option(None, help="The source model (default: the one recorded at conversion)."),
+    json_out: Json = False,
+):
+    """Run each converted package in the reference executor and compare it with the PyTorch module."""
+    from editsuite.convert.verify import THRESHOLD_DB, verify as run_verify
+
+    checks = run_verify(bundle, against)
+    if json_out:
+        typer.echo(json.dumps([dict(module=c.module, psnr_db=round(c.psnr_db, 2), ok=c.ok, resolutions=c.resolutions,
+                                    ops=c.ops) for c in checks], indent=2))
+    else:
+        for c in checks:
+            ops = sum(c.ops.values())
+            typer.echo(f"{c.module:24s} {c.psnr_db:7.1f} dB  {'ok' if c.ok else 'FAIL'}  ({', '.join(c.resolutions)}; "
+                       f"{ops} ops)")
+    failed = [c.module for c in checks if not c.ok]
+    if failed:
+        typer.echo(f"error: {', '.join(failed)} below {THRESHOLD_DB:.0f} dB", err=True)
+        raise typer.Exit(1)
+
+
 # typer may vendor its own click: catch its exception classes as well as click's
 _USAGE_ERRORS = tuple({click.UsageError, *(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")})
 _EXITS = tuple({click.exceptions.Exit, typer.Exit})
@@ -139,6 +190,7 @@ def _quiet_libraries() -> None:
     import os
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' conversion passes draw tqdm bars
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
 

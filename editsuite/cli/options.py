@@ -17,6 +17,8 @@ Model = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="Diffusers folder, .safetensors checkpoint, converted Core ML bundle or hub id. "
     "Default: the built-in demo model.")]
 Backend = Annotated[str, typer.Option(help="auto, torch or coreml.")]
+ComputeUnits = Annotated[str, typer.Option(
+    help="Core ML bundles on macOS: all, cpu-and-ne, cpu-and-gpu or cpu-only.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
 Dtype = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
 Steps = Annotated[int, typer.Option(help="Denoising steps.")]

@@ -114,8 +114,11 @@ def _load(job: Job, quiet: bool):
         if not quiet:
             typer.echo(f"using the built-in demo model ({DEMO_KIND[job.task].value}): it only knows simple shapes "
                        "and colours; pass --model for a real Stable Diffusion checkpoint", err=True)
-    return load_bundle(model, backend=job.opt("backend"), device=job.opt("device"), dtype=job.opt("dtype"),
-                       allow_pickle=job.opt("allow_pickle"))
+    bundle = load_bundle(model, backend=job.opt("backend"), device=job.opt("device"), dtype=job.opt("dtype"),
+                         allow_pickle=job.opt("allow_pickle"), compute_units=job.opt("compute_units", "all"))
+    if bundle.notice and not quiet:
+        typer.echo(bundle.notice, err=True)
+    return bundle
 
 
 def _png_settings(settings: dict) -> dict:

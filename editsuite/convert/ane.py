@@ -103,7 +103,7 @@ def attention_split_einsum(q, k, v, heads: int, scale: float, chunk: int | None 
         qh = q[:, h * d:(h + 1) * d]  # (B, d, 1, Sq)
         kh = kt[:, :, :, h * d:(h + 1) * d]  # (B, Sk, 1, d)
         vh = v[:, h * d:(h + 1) * d]  # (B, d, 1, Sk)
-        pieces = [qh] if chunk is None else list(qh.split(chunk, dim=3))
+        pieces = [qh] if chunk is None or qh.shape[3] <= chunk else list(qh.split(chunk, dim=3))
         parts = []
         for qc in pieces:
             w = torch.einsum("bchq,bkhc->bkhq", qc, kh) * scale  # (B, Sk, 1, Sq')

@@ -19,12 +19,14 @@ import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from editsuite.bundle.mil_executor import import_coremltools
 from editsuite.errors import UserError
 
 MANIFEST = "coreml-manifest.json"
@@ -104,14 +106,6 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _import_coremltools():
-    try:
-        import coremltools as ct
-    except ImportError:
-        raise UserError("Core ML conversion needs coremltools; install it with: pip install 'editsuite[coreml]'") from None
-    return ct
-
-
 # -- the modules and their example inputs ------------------------------------------------------------------
 
 def _spec(bundle, name: str, settings: Settings):
@@ -158,7 +152,8 @@ def _spec(bundle, name: str, settings: Settings):
 def _convert_one(ct, module, inputs: dict, varying: dict | None, outputs: tuple[str, ...], bits: int | None,
                  description: str):
     module = module.eval()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about shapes taken as constants: intended here
         traced = torch.jit.trace(module, tuple(inputs.values()), check_trace=False)
     ct_inputs = []
     n_varying = sum(1 for shapes in (varying or {}).values() if len(set(shapes)) > 1)
@@ -211,7 +206,7 @@ def convert(source, out: str | os.PathLike, *, resolutions=(), attention: str = 
     from editsuite.convert.ane import AttentionVariant
 
     say = progress or (lambda msg: None)
-    ct = _import_coremltools()
+    ct = import_coremltools()
     if attention not in {v.value for v in AttentionVariant}:
         raise UserError(f"unknown attention {attention!r}; use one of: "
                         f"{', '.join(v.value for v in AttentionVariant)}")

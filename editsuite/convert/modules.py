@@ -13,6 +13,8 @@ to the second chunk, which diffusers' single forward cannot do. Every stage call
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 from diffusers import UNet2DConditionModel
@@ -32,13 +34,14 @@ class GroupNorm4D(nn.Module):
         self.bias = nn.Parameter(norm.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        g = x.reshape(b, self.groups, c // self.groups, h * w)
+        b, c = x.shape[:2]  # (B, C, H, W), or (B, C, S) in the VAE's attention
+        g = x.reshape(b, self.groups, c // self.groups, -1)
         mean = g.mean(dim=(2, 3), keepdim=True)
         centred = g - mean
         var = (centred * centred).mean(dim=(2, 3), keepdim=True)
         g = centred * torch.rsqrt(var + self.eps)
-        return g.reshape(b, c, h, w) * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        affine = (1, c) + (1,) * (x.ndim - 2)
+        return g.reshape(x.shape) * self.weight.view(affine) + self.bias.view(affine)
 
 
 def rank4_group_norms(module: nn.Module) -> nn.Module:
@@ -68,7 +71,7 @@ class VAEEncoder(nn.Module):
 
     def __init__(self, vae):
         super().__init__()
-        self.encoder, self.quant_conv = vae.encoder, vae.quant_conv
+        self.encoder, self.quant_conv = rank4_group_norms(copy.deepcopy(vae.encoder)), vae.quant_conv
 
     def forward(self, image):
         h = self.encoder(image)
@@ -81,7 +84,7 @@ class VAEDecoder(nn.Module):
 
     def __init__(self, vae):
         super().__init__()
-        self.decoder, self.post_quant_conv = vae.decoder, vae.post_quant_conv
+        self.decoder, self.post_quant_conv = rank4_group_norms(copy.deepcopy(vae.decoder)), vae.post_quant_conv
 
     def forward(self, z):
         return self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z))
