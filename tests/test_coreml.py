@@ -189,3 +189,23 @@ def test_five_tasks_on_the_coreml_backend_match_torch(bundles, sources, photo_an
         score = _psnr(a, b)
         print(f"{task}: Core ML backend vs torch {score:.1f} dB")
         assert score >= 30, (task, score)
+
+
+def test_cli_convert_verify_and_bad_options(sources, tmp_path, capsys):
+    from editsuite.cli.app import main
+
+    out = tmp_path / "cli"
+    assert main(["convert", str(sources["sd1"]), "-o", str(out), "--components", "text_encoder", "-q"]) == 0
+    assert main(["verify", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "TextEncoder" in printed and " ok " in printed
+    for bad, message in ((["--attention", "bogus"], "unknown attention 'bogus'"),
+                         (["--quantize-bits", "5"], "--quantize-bits 5 is not supported"),
+                         (["--resolution", "big"], "is not WIDTHxHEIGHT"),
+                         (["--resolution", "60x64"], "not a multiple of 16")):
+        assert main(["convert", str(sources["sd1"]), "-o", str(tmp_path / "bad"), *bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not (tmp_path / "bad").exists()
+    assert main(["verify", str(tmp_path)]) == 2
+    assert "not a converted Core ML bundle" in capsys.readouterr().err

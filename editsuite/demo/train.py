@@ -276,7 +276,7 @@ class Trainer:
             u.save_pretrained(self.work / "unet")
             t.save_pretrained(self.work / "text_encoder")
 
-        save(*train_unet(unet, te, steps=self.n(2400), batch=64, make_batch=batch, sched=sched, name="base",
+        save(*train_unet(unet, te, steps=self.n(2000), batch=64, make_batch=batch, sched=sched, name="base",
                          lr=6e-4, train_text=True, checkpoint=save))
 
     def inpaint(self):
@@ -312,7 +312,7 @@ class Trainer:
         def save(u, _):
             u.save_pretrained(self.work / "unet_inpainting")
 
-        save(*train_unet(unet, te, steps=self.n(1200), batch=64, make_batch=batch, sched=sched, name="inpaint",
+        save(*train_unet(unet, te, steps=self.n(1000), batch=64, make_batch=batch, sched=sched, name="inpaint",
                          lr=3e-4, train_text=False, checkpoint=save))
 
     def mask_for(self, scene) -> np.ndarray:
@@ -397,7 +397,7 @@ class Trainer:
         def save(u, _):
             u.save_pretrained(self.work / "unet_upscaler")
 
-        save(*train_unet(unet, te, steps=self.n(2200), batch=32, make_batch=batch, sched=sched, name="upscaler",
+        save(*train_unet(unet, te, steps=self.n(1800), batch=32, make_batch=batch, sched=sched, name="upscaler",
                          lr=5e-4, train_text=False, checkpoint=save))
 
     # -- export ------------------------------------------------------------------------------------------
