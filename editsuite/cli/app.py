@@ -130,6 +130,20 @@ def info(
 
 
 @app.command()
+def batch(
+    recipe: Path = typer.Argument(..., help="A recipe file (see tasks/*.toml)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be done; run and write nothing."),
+    overwrite: Overwrite = False, quiet: Quiet = False, json_out: Json = False,
+):
+    """Run one edit over many inputs from a recipe; run it again to resume after a crash or Ctrl-C."""
+    from editsuite.cli.batch import run_batch
+
+    code = run_batch(recipe, dry_run=dry_run, overwrite=overwrite, quiet=quiet, as_json=json_out)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
 def convert(
     model: str = typer.Argument(..., help="Diffusers folder, .safetensors checkpoint or hub id to convert."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder for the Core ML bundle."),
@@ -203,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: bad input is one line on stderr and exit code 2, never a traceback."""
     _quiet_libraries()
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # without standalone mode, click returns Exit's code
+        if isinstance(code, int) and code:
+            return code
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         return 2

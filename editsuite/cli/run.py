@@ -15,21 +15,13 @@ from typing import Any
 
 import typer
 
-from editsuite.bundle.manifest import ModelKind
 from editsuite.core.schedulers import scheduler_choices
 from editsuite.errors import UserError
 from editsuite.imaging.io import open_image, open_mask
-from editsuite.imaging.metadata import png_info
+from editsuite.imaging.metadata import png_info, png_settings
 from editsuite.imaging.output import output_paths, save_atomic
 from editsuite.tasks import TASKS
 from editsuite.tasks.base import Common, check_size, check_strength
-
-# the demo member each task uses when no --model is given
-DEMO_KIND = {"txt2img": ModelKind.BASE, "img2img": ModelKind.BASE, "inpaint": ModelKind.INPAINTING,
-             "outpaint": ModelKind.BASE, "upscale": ModelKind.UPSCALER}
-# extra settings written into the A1111 `parameters` text, as AUTOMATIC1111 names them
-A1111_EXTRA = {"mask_blur": "Mask blur", "padding": "Masked area padding",
-               "noise_level": "Noise level", "scale": "Upscale", "tile": "Tile size", "overlap": "Tile overlap"}
 
 
 @dataclasses.dataclass
@@ -91,7 +83,7 @@ def execute(job: Job) -> None:
             settings = {**result.metadata, "batch_index": j}
             if paths:
                 settings["input"] = str(paths[idx])
-            out = save_atomic(image, outs[idx * n + j], pnginfo=png_info(_png_settings(settings)),
+            out = save_atomic(image, outs[idx * n + j], pnginfo=png_info(png_settings(settings)),
                               overwrite=job.opt("overwrite"))
             written.append({"path": str(out), "settings": settings})
             if not quiet and not as_json:
@@ -105,31 +97,19 @@ def _load(job: Job, quiet: bool):
 
     model = job.opt("model")
     if model is None:
-        from editsuite.demo import demo_model
+        from editsuite.demo import NOTICE, TASK_KIND, demo_model
 
-        model = demo_model(DEMO_KIND[job.task])
+        model = demo_model(TASK_KIND[job.task])
         if model is None:
             raise UserError("no --model given and the built-in demo model is not installed; pass --model with a "
                             "diffusers folder, a .safetensors checkpoint or a hub id")
         if not quiet:
-            typer.echo(f"using the built-in demo model ({DEMO_KIND[job.task].value}): it only knows simple shapes "
-                       "and colours; pass --model for a real Stable Diffusion checkpoint", err=True)
+            typer.echo(NOTICE.format(kind=TASK_KIND[job.task].value), err=True)
     bundle = load_bundle(model, backend=job.opt("backend"), device=job.opt("device"), dtype=job.opt("dtype"),
                          allow_pickle=job.opt("allow_pickle"), compute_units=job.opt("compute_units", "all"))
     if bundle.notice and not quiet:
         typer.echo(bundle.notice, err=True)
     return bundle
-
-
-def _png_settings(settings: dict) -> dict:
-    """Settings plus the keys the A1111 `parameters` text reads (model name and hash, extras)."""
-    model = settings.get("model", {})
-    extra = {label: settings[k] for k, label in A1111_EXTRA.items() if settings.get(k) not in (None, False, 0)}
-    if settings.get("only_masked"):
-        extra["Inpaint area"] = "Only masked"
-    else:
-        extra.pop("Masked area padding", None)
-    return {**settings, "model_name": model.get("name"), "model_hash": model.get("model_hash"), "extra": extra}
 
 
 class _Progress:

@@ -11,6 +11,11 @@ from editsuite.bundle.manifest import ModelKind
 
 ROOT = Path(__file__).resolve().parent
 FOLDERS = {ModelKind.BASE: "base", ModelKind.INPAINTING: "inpainting", ModelKind.UPSCALER: "upscaler"}
+# the member each task uses when no model is given
+TASK_KIND = {"txt2img": ModelKind.BASE, "img2img": ModelKind.BASE, "inpaint": ModelKind.INPAINTING,
+             "outpaint": ModelKind.BASE, "upscale": ModelKind.UPSCALER}
+NOTICE = ("using the built-in demo model ({kind}): it only knows simple shapes and colours; pass --model for a real "
+          "Stable Diffusion checkpoint")
 
 
 def demo_model(kind: ModelKind) -> Path | None:

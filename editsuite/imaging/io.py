@@ -36,7 +36,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from editsuite.errors import UserError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "open_image", "open_mask"]
+__all__ = ["DEFAULT_MAX_PIXELS", "open_image", "open_mask", "peek_size"]
 
 DEFAULT_MAX_PIXELS = 8192 * 8192
 """Largest image (width * height) opened without `--max-pixels`: 67,108,864 pixels."""
@@ -111,20 +111,17 @@ def open_mask(src: str | Path | Image.Image, *, max_pixels: int = DEFAULT_MAX_PI
 # Decoding: path or image -> 8-bit 'L', 'LA', 'RGB' or 'RGBA', orientation applied.
 
 
-def _open_normalised(src: str | Path | Image.Image, *, what: str, max_pixels: int) -> Image.Image:
-    if isinstance(src, Image.Image):
-        label = f"{what} (in-memory image)"
-        _check_pixels(src.size, label, max_pixels)
-        try:
-            src.load()
-            return _apply_orientation(_to_8bit(src, label), _orientation(src))
-        except UserError:
-            raise
-        except Exception as exc:  # a lazily loaded image whose file turned out to be broken
-            raise UserError(f"{label} cannot be decoded ({_reason(exc)})") from exc
-
+def peek_size(src: str | Path, *, what: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) from the file's header alone, with the same checks and messages as `open_image`
+    for a missing, unreadable or too large file: a batch refuses such inputs before the model loads."""
     path = Path(src)
     label = f"{what} '{path}'"
+    with _open_header(path, label, max_pixels) as im:
+        _check_pixels(im.size, label, max_pixels)
+        return im.size
+
+
+def _open_header(path: Path, label: str, max_pixels: int) -> Image.Image:
     if not path.exists():
         raise UserError(f"{label} not found; check the path")
     if path.is_dir():
@@ -142,6 +139,24 @@ def _open_normalised(src: str | Path | Image.Image, *, what: str, max_pixels: in
     except Exception as exc:  # plugins raise SyntaxError, struct.error, EOFError, ... on bad headers
         raise UserError(f"{label} is not an image Pillow can read ({_reason(exc)})") from exc
 
+    return im
+
+
+def _open_normalised(src: str | Path | Image.Image, *, what: str, max_pixels: int) -> Image.Image:
+    if isinstance(src, Image.Image):
+        label = f"{what} (in-memory image)"
+        _check_pixels(src.size, label, max_pixels)
+        try:
+            src.load()
+            return _apply_orientation(_to_8bit(src, label), _orientation(src))
+        except UserError:
+            raise
+        except Exception as exc:  # a lazily loaded image whose file turned out to be broken
+            raise UserError(f"{label} cannot be decoded ({_reason(exc)})") from exc
+
+    path = Path(src)
+    label = f"{what} '{path}'"
+    im = _open_header(path, label, max_pixels)
     with im:
         _check_pixels(im.size, label, max_pixels)  # header only: nothing decoded yet
         try:

@@ -23,7 +23,7 @@ from PIL import Image, PngImagePlugin
 
 from editsuite.errors import UserError
 
-__all__ = ["SETTINGS_KEY", "a1111_parameters", "png_info", "read_settings"]
+__all__ = ["SETTINGS_KEY", "a1111_parameters", "png_info", "png_settings", "read_settings"]
 
 SETTINGS_KEY = "editsuite"
 PARAMETERS_KEY = "parameters"
@@ -130,3 +130,19 @@ def _json_default(value: Any) -> Any:
         except (TypeError, ValueError):
             pass
     return str(value)
+
+
+# extra settings written into the A1111 `parameters` text, as AUTOMATIC1111 names them
+A1111_EXTRA = {"mask_blur": "Mask blur", "padding": "Masked area padding",
+               "noise_level": "Noise level", "scale": "Upscale", "tile": "Tile size", "overlap": "Tile overlap"}
+
+
+def png_settings(settings: dict) -> dict:
+    """Settings plus the keys the A1111 `parameters` text reads (model name and hash, extras)."""
+    model = settings.get("model", {})
+    extra = {label: settings[k] for k, label in A1111_EXTRA.items() if settings.get(k) not in (None, False, 0)}
+    if settings.get("only_masked"):
+        extra["Inpaint area"] = "Only masked"
+    else:
+        extra.pop("Masked area padding", None)
+    return {**settings, "model_name": model.get("name"), "model_hash": model.get("model_hash"), "extra": extra}

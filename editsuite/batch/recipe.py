@@ -1,0 +1,355 @@
+"""Batch recipes: one edit over many inputs, described in a TOML file (`tasks/*.toml`).
+
+    task = "inpaint"                 # txt2img, img2img, inpaint, outpaint, upscale
+    model = "path/to/model"          # optional: default the built-in demo model; relative to the recipe
+    max_pixels = 40000000            # optional: inputs with more pixels are refused
+
+    [inputs]
+    images = ["photos/*.png", "more/"]   # files, folders and globs, relative to the recipe
+    mask = "mask.png"                    # inpaint: one mask for every image ...
+    masks = "masks/{stem}.png"           # ... or a mask per image, found by the image's name
+    prompts = ["a red circle", "..."]    # txt2img: one item per prompt
+
+    [params]                         # the task's own parameters, as the task classes and the CLI take them
+    prompt = "a wooden bench"
+    steps = 20
+    strength = 0.8
+
+    [output]
+    folder = "out/inpaint"           # relative to the recipe; every output stays inside it
+    name = "{stem}-{task}-{seed}.png"    # fields: stem, index, task, seed
+
+    [seed]
+    base = 42
+    mode = "derived"                 # derived: from base and the input's name (a rerun gives the same
+                                     # picture per input); fixed: base for every item
+
+An error names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import inspect
+import json
+import os
+import string
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from editsuite.errors import UserError
+from editsuite.imaging.io import DEFAULT_MAX_PIXELS
+from editsuite.imaging.output import IMAGE_EXTENSIONS
+
+TOP_KEYS = {"task", "model", "max_pixels", "inputs", "params", "output", "seed"}
+INPUT_KEYS = {"images", "mask", "masks", "prompts"}
+OUTPUT_KEYS = {"folder", "name"}
+SEED_KEYS = {"base", "mode"}
+NAME_FIELDS = {"stem", "index", "task", "seed"}
+READ_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+NOT_PARAMS = {"self", "image", "mask", "callback", "seed", "num_images"}  # given per item, or one per item
+MAX_SEED = 2**32
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One unit of a batch: its stable key, its inputs, its seed and its output path."""
+
+    key: str
+    index: int
+    image: Path | None
+    mask: Path | None
+    prompt: str | None  # txt2img: the item's prompt
+    seed: int
+    output: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    path: Path
+    task: str
+    model: str | None
+    max_pixels: int
+    images: tuple[str, ...]
+    mask: str | None
+    masks: str | None
+    prompts: tuple[str, ...]
+    params: dict
+    folder: Path
+    name: str
+    seed_base: int
+    seed_mode: str
+
+    @property
+    def label(self) -> str:
+        return self.path.name
+
+    def fingerprint(self) -> str:
+        """What makes the outputs what they are: a rerun with the same fingerprint may reuse finished items."""
+        data = dict(task=self.task, model=self.model, params=self.params, seed=[self.seed_base, self.seed_mode],
+                    name=self.name, mask=self.mask, masks=self.masks)
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def items(self) -> list[Item]:
+        """Expand the inputs into items, with seeds and output paths; checks names stay in the folder."""
+        base = self.path.parent
+        if self.task == "txt2img":
+            sources = [(f"prompt-{i:04d}", None, p) for i, p in enumerate(self.prompts)]
+        else:
+            sources = [(_key(p, base), p, None) for p in _expand(self.images, base, self.label)]
+        items, names = [], {}
+        for index, (key, image, prompt) in enumerate(sources):
+            seed = self.seed_base if self.seed_mode == "fixed" else derived_seed(self.seed_base, key)
+            stem = image.stem if image is not None else f"prompt{index:04d}"
+            output = self._output(stem=stem, index=index, seed=seed)
+            if output.name in names:
+                raise UserError(f"{self.label}: output.name {self.name!r} gives {output.name!r} to both "
+                                f"{names[output.name]} and {key}; add {{index}} or {{stem}} to it")
+            names[output.name] = key
+            mask = None
+            if self.mask is not None:
+                mask = base / self.mask
+            elif self.masks is not None and image is not None:
+                mask = base / self.masks.format(stem=image.stem, name=image.name)
+            items.append(Item(key, index, image, mask, prompt, seed, output))
+        return items
+
+    def _output(self, **fields) -> Path:
+        name = self.name.format(task=self.task, **fields)
+        path = (self.folder / name).resolve()
+        if path.parent != self.folder.resolve() or name.startswith(".") or not Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+            raise UserError(f"{self.label}: output.name {self.name!r} gives {name!r}, which is not a file name inside "
+                            f"output.folder ending in {', '.join(IMAGE_EXTENSIONS)}")
+        return path
+
+
+def derived_seed(base: int, key: str) -> int:
+    """A seed per input from the base seed and the input's name: stable across runs and machines."""
+    return int.from_bytes(hashlib.sha256(f"{base}/{key}".encode()).digest()[:4], "big") % MAX_SEED
+
+
+def _key(path: Path, base: Path) -> str:
+    """The input's path relative to the recipe: the same on every machine and checkout, so derived seeds are."""
+    return Path(os.path.relpath(path.resolve(), base.resolve())).as_posix()
+
+
+def _expand(entries, base: Path, label: str) -> list[Path]:
+    found: dict[Path, None] = {}
+    for entry in entries:
+        target = base / entry
+        if any(ch in entry for ch in "*?["):
+            matches = sorted(Path(p) for p in glob.glob(str(target), recursive=True))
+            matches = [m for m in matches if m.is_file() and m.suffix.lower() in READ_EXTENSIONS]
+        elif target.is_dir():
+            matches = sorted(p for p in target.iterdir() if p.is_file() and p.suffix.lower() in READ_EXTENSIONS
+                             and not p.name.startswith("."))
+        elif target.is_file():
+            matches = [target]
+        else:
+            raise UserError(f"{label}: inputs.images entry {entry!r}: no such file or folder (paths are relative to "
+                            f"the recipe's folder {base})")
+        if not matches:
+            raise UserError(f"{label}: inputs.images entry {entry!r} matches no image "
+                            f"({', '.join(sorted(READ_EXTENSIONS))})")
+        for m in matches:
+            found[m] = None
+    return list(found)
+
+
+# -- reading and checking ----------------------------------------------------------------------------------
+
+def _fail(label: str, key: str, value: Any, allowed: str):
+    raise UserError(f"{label}: {key} = {value!r} is not allowed: {allowed}")
+
+
+def _table(label: str, data: dict, name: str, keys: set) -> dict:
+    table = data.get(name, {})
+    if not isinstance(table, dict):
+        _fail(label, name, table, f"[{name}] must be a table with keys {', '.join(sorted(keys))}")
+    unknown = sorted(set(table) - keys)
+    if unknown:
+        _fail(label, f"{name}.{unknown[0]}", table[unknown[0]], f"[{name}] takes {', '.join(sorted(keys))}")
+    return table
+
+
+def task_parameters(task: str) -> dict[str, tuple[Any, Any]]:
+    """The parameters a recipe may set for `task`: {name: (type, default)}, read from the task class's `run`."""
+    from editsuite.tasks import TASKS
+
+    run = TASKS[task].run
+    hints = typing.get_type_hints(run)
+    out = {}
+    for name, p in inspect.signature(run).parameters.items():
+        if name in NOT_PARAMS:
+            continue
+        out[name] = (hints.get(name, Any), None if p.default is inspect.Parameter.empty else p.default)
+    return out
+
+
+def _type_ok(annotation, value) -> bool:
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or \
+        typing.get_origin(annotation) is typing.Union else (annotation,)
+    for t in options:
+        if t is type(None) or t is Any:
+            continue
+        if t is bool and isinstance(value, bool):
+            return True
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if t is str and isinstance(value, str):
+            return True
+    return False
+
+
+def _type_name(annotation) -> str:
+    names = [getattr(t, "__name__", str(t)) for t in (typing.get_args(annotation) or (annotation,)) if t is not type(None)]
+    return {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}.get(
+        names[0] if len(names) == 1 else "", " or ".join(names))
+
+
+def check_params(label: str, task: str, params: dict) -> dict:
+    """Types from the task class's signature; values through the same checks the CLI uses."""
+    from editsuite.core.schedulers import scheduler_choices
+    from editsuite.tasks.base import Common, check_size, check_strength
+
+    allowed = task_parameters(task)
+    for key, value in params.items():
+        if key not in allowed:
+            extra = " (the seed is set in [seed]; a batch writes one image per item)" if key in NOT_PARAMS else ""
+            _fail(label, f"params.{key}", value, f"{task} takes {', '.join(sorted(allowed))}{extra}")
+        annotation, _ = allowed[key]
+        if not _type_ok(annotation, value):
+            _fail(label, f"params.{key}", value, f"it must be {_type_name(annotation)}")
+    checks = {
+        "strength": check_strength,
+        "width": lambda v: check_size(v, "width"),
+        "height": lambda v: check_size(v, "height"),
+        "steps": lambda v: Common(steps=v).validated(),
+        "guidance_scale": lambda v: Common(guidance_scale=v).validated(),
+    }
+    for key, check in checks.items():
+        if key in params:
+            try:
+                check(params[key])
+            except UserError as e:
+                _fail(label, f"params.{key}", params[key], str(e))
+    if "scheduler" in params and params["scheduler"] not in scheduler_choices():
+        _fail(label, "params.scheduler", params["scheduler"], f"use one of {', '.join(scheduler_choices())}")
+    for key in ("mask_blur", "padding", "feather", "left", "right", "top", "bottom", "noise_level", "tile", "overlap"):
+        if key in params and params[key] < 0:
+            _fail(label, f"params.{key}", params[key], "it must be 0 or more")
+    return dict(params)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    from editsuite.tasks import TASKS
+
+    path = Path(path)
+    label = path.name
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"recipe {path} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"recipe {path} cannot be read ({e})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{label} is not valid TOML: {e}") from None
+    unknown = sorted(set(data) - TOP_KEYS)
+    if unknown:
+        _fail(label, unknown[0], data[unknown[0]], f"a recipe has the keys {', '.join(sorted(TOP_KEYS))}")
+    task = data.get("task")
+    if task not in TASKS:
+        _fail(label, "task", task, f"use one of {', '.join(TASKS)}")
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        _fail(label, "model", model, "a path or hub id, as a string")
+    if model is not None and not Path(model).is_absolute() and (path.parent / model).exists():
+        model = str(path.parent / model)
+    max_pixels = data.get("max_pixels", DEFAULT_MAX_PIXELS)
+    if not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels < 1:
+        _fail(label, "max_pixels", max_pixels, "a positive integer")
+
+    inputs = _table(label, data, "inputs", INPUT_KEYS)
+    images = inputs.get("images", [])
+    if isinstance(images, str):
+        images = [images]
+    if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
+        _fail(label, "inputs.images", images, "a list of file, folder or glob strings")
+    prompts = inputs.get("prompts", [])
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        _fail(label, "inputs.prompts", prompts, "a list of strings")
+    if task == "txt2img":
+        if images:
+            _fail(label, "inputs.images", images, "txt2img takes no images; list inputs.prompts")
+        if not prompts:
+            _fail(label, "inputs.prompts", prompts, "txt2img needs at least one prompt")
+    else:
+        if not images:
+            _fail(label, "inputs.images", images, f"{task} needs at least one image, folder or glob")
+        if prompts:
+            _fail(label, "inputs.prompts", prompts, f"only txt2img takes inputs.prompts; use params.prompt for {task}")
+    mask, masks = inputs.get("mask"), inputs.get("masks")
+    for key, value in (("inputs.mask", mask), ("inputs.masks", masks)):
+        if value is not None and (not isinstance(value, str) or not value):
+            _fail(label, key, value, "a path string")
+    if task == "inpaint" and (mask is None) == (masks is None):
+        _fail(label, "inputs.mask", mask, "inpaint needs exactly one of inputs.mask (shared) or inputs.masks "
+                                          "(a pattern such as 'masks/{stem}.png')")
+    if task != "inpaint" and (mask is not None or masks is not None):
+        _fail(label, "inputs.mask", mask or masks, f"only inpaint takes a mask, not {task}")
+    if mask is not None and not (path.parent / mask).is_file():
+        _fail(label, "inputs.mask", mask, f"an existing mask file (paths are relative to {path.parent})")
+    if masks is not None:
+        _check_pattern(label, "inputs.masks", masks, {"stem", "name"})
+
+    params = data.get("params", {})
+    if not isinstance(params, dict):
+        _fail(label, "params", params, "[params] must be a table of the task's parameters")
+    params = check_params(label, task, params)
+
+    output = _table(label, data, "output", OUTPUT_KEYS)
+    folder = output.get("folder")
+    if not isinstance(folder, str) or not folder:
+        _fail(label, "output.folder", folder, "a folder path string (relative to the recipe)")
+    default_name = "{stem}-{task}-{seed}.png" if task != "txt2img" else "{index:04d}-{task}-{seed}.png"
+    name = output.get("name", default_name)
+    if not isinstance(name, str) or not name:
+        _fail(label, "output.name", name, "a file name pattern string")
+    _check_pattern(label, "output.name", name, NAME_FIELDS)
+
+    seed = _table(label, data, "seed", SEED_KEYS)
+    seed_base = seed.get("base", 0)
+    if not isinstance(seed_base, int) or isinstance(seed_base, bool) or not 0 <= seed_base < MAX_SEED:
+        _fail(label, "seed.base", seed_base, f"an integer from 0 to {MAX_SEED - 1}")
+    seed_mode = seed.get("mode", "derived")
+    if seed_mode not in ("derived", "fixed"):
+        _fail(label, "seed.mode", seed_mode, "derived or fixed")
+
+    recipe = Recipe(path=path, task=task, model=model, max_pixels=max_pixels, images=tuple(images), mask=mask,
+                    masks=masks, prompts=tuple(prompts), params=params, folder=Path(os.path.normpath(path.parent / folder)),
+                    name=name, seed_base=seed_base, seed_mode=seed_mode)
+    recipe._output(stem="x", index=0, seed=0)  # a bad name pattern fails now, not on the first item
+    return recipe
+
+
+def _check_pattern(label: str, key: str, pattern: str, fields: set) -> None:
+    try:
+        used = [f for _, f, _, _ in string.Formatter().parse(pattern) if f is not None]
+    except ValueError as e:
+        _fail(label, key, pattern, f"a pattern with {{fields}} ({e})")
+    bad = [f for f in used if f not in fields]
+    if bad:
+        _fail(label, key, pattern, f"fields are {', '.join('{' + f + '}' for f in sorted(fields))}, not {{{bad[0]}}}")
+    try:
+        pattern.format(**{f: 0 if f in ("index", "seed") else "x" for f in fields})
+    except (ValueError, IndexError, KeyError) as e:
+        _fail(label, key, pattern, f"a valid pattern ({e})")

@@ -1,0 +1,243 @@
+"""Batch recipes: the shipped examples run, recipe errors name key and value, bad items are recorded and
+skipped, existing files are kept, and a batch killed with SIGKILL at random points (>= 20 times) finishes on
+rerun with every output exactly once, whole, and equal to an uninterrupted run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from editsuite.batch import Batch, load_recipe
+from editsuite.batch.runner import JOURNAL
+from editsuite.cli.app import main
+from editsuite.demo.scenes import render, sample_scene
+from editsuite.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "tasks").glob("*.toml"))
+
+
+def _fast(recipe, folder: Path, steps: int = 3):
+    return dataclasses.replace(recipe, folder=folder, params={**recipe.params, "steps": steps})
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_shipped_recipes_run_on_the_samples(path, tmp_path):
+    recipe = _fast(load_recipe(path), tmp_path / "out")
+    results = list(Batch(recipe).run())
+    assert results and all(r.status == "done" for r in results), results
+    for r in results:
+        assert PIL.Image.open(r.output).size[0] >= 64
+    again = list(Batch(recipe).run())  # a rerun redoes nothing
+    assert [r.status for r in again] == ["finished"] * len(results)
+
+
+def _write_recipe(folder: Path, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "recipe.toml"
+    path.write_text(text)
+    return path
+
+
+def _scenes(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        p = folder / f"scene{i:02d}.png"
+        PIL.Image.fromarray(render(sample_scene(rng), 64)).save(p)
+        paths.append(p)
+    return paths
+
+
+BASE = """
+task = "img2img"
+[inputs]
+images = ["in/*.png"]
+[params]
+prompt = "a red circle on a blue background"
+strength = 0.5
+steps = 4
+[output]
+folder = "out"
+[seed]
+base = 5
+"""
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("task = \"img2img\"", "task = \"paint\""), "task = 'paint' is not allowed: use one of txt2img"),
+    (("strength = 0.5", "strength = 1.5"), "params.strength = 1.5 is not allowed: strength must be between 0 and 1"),
+    (("strength = 0.5", "strength = \"high\""), "params.strength = 'high' is not allowed: it must be a number"),
+    (("steps = 4", "steps = 0"), "params.steps = 0 is not allowed"),
+    (("steps = 4", "stepz = 4"), "params.stepz = 4 is not allowed: img2img takes"),
+    (("steps = 4", "seed = 4"), "the seed is set in [seed]"),
+    (("steps = 4", "scheduler = \"fast\""), "params.scheduler = 'fast' is not allowed: use one of"),
+    (("folder = \"out\"", "folder = \"out\"\nname = \"../{stem}.png\""), "not a file name inside output.folder"),
+    (("folder = \"out\"", "folder = \"out\"\nname = \"sub/{stem}.png\""), "not a file name inside output.folder"),
+    (("folder = \"out\"", "folder = \"out\"\nname = \"{stem}.exe\""), "not a file name inside output.folder"),
+    (("folder = \"out\"", "folder = \"out\"\nname = \"{user}.png\""), "not {user}"),
+    (("folder = \"out\"", "folder = \"out\"\nname = \"same.png\""), "gives 'same.png' to both"),
+    (("base = 5", "base = -1"), "seed.base = -1 is not allowed"),
+    (("base = 5", "mode = \"random\""), "seed.mode = 'random' is not allowed: derived or fixed"),
+    (("images = [\"in/*.png\"]", "images = [\"nowhere/\"]"), "inputs.images entry 'nowhere/': no such file"),
+    (("images = [\"in/*.png\"]", "images = [\"in/*.jpg\"]"), "matches no image"),
+    (("images = [\"in/*.png\"]", "images = [\"in/*.png\"]\nmask = \"m.png\""), "only inpaint takes a mask"),
+    (("[seed]", "[sead]"), "sead = "),
+    (("[params]", "[params"), "is not valid TOML"),
+])
+def test_recipe_errors_name_key_value_and_what_is_allowed(tmp_path, edit, message):
+    _scenes(tmp_path / "in", 2)
+    path = _write_recipe(tmp_path, BASE.replace(*edit))
+    with pytest.raises(UserError) as err:
+        Batch(load_recipe(path))
+    assert message in str(err.value), str(err.value)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_item_is_recorded_and_the_batch_goes_on(tmp_path, capsys):
+    _scenes(tmp_path / "in", 3)
+    (tmp_path / "in" / "scene01.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))  # corrupt
+    big = tmp_path / "in" / "huge.png"
+    PIL.Image.new("RGB", (300, 300)).save(big)
+    path = _write_recipe(tmp_path, "max_pixels = 65536\n" + BASE)
+    assert main(["batch", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "2 done, 0 finished before, 2 failed" in err
+    assert "huge.png' is 300x300" in err and "scene01.png' is not an image" in err
+    journal = [json.loads(l) for l in (tmp_path / "out" / JOURNAL).read_text().splitlines()]
+    assert sorted(r["status"] for r in journal) == ["done", "done", "failed", "failed"]
+    assert len(list((tmp_path / "out").glob("*.png"))) == 2
+
+
+def test_existing_output_is_kept_unless_overwrite(tmp_path, capsys):
+    _scenes(tmp_path / "in", 1)
+    path = _write_recipe(tmp_path, BASE)
+    (item,) = Batch(load_recipe(path)).items
+    item.output.parent.mkdir(parents=True)
+    item.output.write_bytes(b"mine")
+    assert main(["batch", str(path), "-q"]) == 1
+    assert item.output.read_bytes() == b"mine"
+    assert main(["batch", str(path), "-q", "--overwrite"]) == 0
+    assert PIL.Image.open(item.output).size == (64, 64)
+
+
+def test_dry_run_lists_and_writes_nothing(tmp_path, capsys):
+    _scenes(tmp_path / "in", 2)
+    path = _write_recipe(tmp_path, BASE)
+    assert main(["batch", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("run ") == 2 and "nothing was done" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_python_api_loads_once_and_reuses_prompt_encodings(tmp_path):
+    from editsuite.bundle.loader import load_bundle
+    from editsuite.demo import demo_model
+    from editsuite.bundle.manifest import ModelKind
+
+    _scenes(tmp_path / "in", 3)
+    recipe = load_recipe(_write_recipe(tmp_path, BASE))
+    bundle = load_bundle(demo_model(ModelKind.BASE), device="cpu", dtype="float32")
+    calls = []
+    encode = bundle.backend.encode_text
+    bundle.backend.encode_text = lambda ids: calls.append(1) or encode(ids)
+    results = list(Batch(recipe, bundle=bundle).run())
+    assert [r.status for r in results] == ["done"] * 3
+    assert len(calls) == 2  # the prompt and the empty negative prompt, once each for three items
+
+
+def _decode(path: Path) -> np.ndarray:
+    with PIL.Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def test_sigkill_at_random_points_then_rerun_loses_nothing(tmp_path):
+    """>= 20 SIGKILLs at random points (during start-up, a step, a save); after each, the outputs present are
+    whole and right; the rerun that completes leaves each output exactly once, equal to an uninterrupted run."""
+    _scenes(tmp_path / "in", 6)
+    path = _write_recipe(tmp_path, BASE.replace("steps = 4", "steps = 3"))
+    reference = _fast(load_recipe(path), tmp_path / "reference", steps=3)
+    expected = {r.output.name: _decode(r.output) for r in Batch(reference).run()}
+    assert len(expected) == 6
+    out = tmp_path / "out"
+    rng = random.Random(1234)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "editsuite.cli.app", "batch", str(path)]
+    kills = cycles = 0
+    while kills < 20:
+        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, text=True)
+        wait_for = rng.randint(0, 3)  # items to see finished first (0: kill during start-up or the first item)
+        seen = 0
+        for line in proc.stderr:
+            if line.startswith("batch ") and "items" in line and wait_for == 0:
+                break
+            if line.startswith("done"):
+                seen += 1
+                if seen >= wait_for:
+                    break
+        time.sleep(rng.uniform(0, 0.6))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        proc.stderr.close()
+        _check_partial(out, expected)
+        if all((out / name).exists() for name in expected):  # finished: check, and start a new cycle
+            _check_complete(out, expected)
+            cycles += 1
+            for p in out.iterdir():
+                p.unlink()
+    assert subprocess.run(cmd + ["-q"], env=env).returncode == 0
+    _check_complete(out, expected)
+
+
+def _check_partial(out: Path, expected: dict) -> None:
+    if not out.exists():
+        return
+    for p in out.iterdir():
+        if p.name == JOURNAL or p.name.endswith(".tmp"):
+            continue  # hidden temporaries are removed by the next run
+        assert p.name in expected, p.name
+        assert np.array_equal(_decode(p), expected[p.name]), p.name
+
+
+def _check_complete(out: Path, expected: dict) -> None:
+    names = sorted(p.name for p in out.iterdir() if p.name != JOURNAL)
+    assert names == sorted(expected), names  # exactly once each, no temporaries left
+    for name, pixels in expected.items():
+        assert np.array_equal(_decode(out / name), pixels), name
+    done = [json.loads(l) for l in (out / JOURNAL).read_text().splitlines() if l.strip().endswith("}")]
+    done = [r["output"] for r in done if r.get("status") == "done"]
+    assert sorted(done) == sorted(expected)  # each item made (and journaled) once: nothing redone
+
+
+def test_ctrl_c_stops_after_the_current_step_and_rerun_finishes(tmp_path):
+    _scenes(tmp_path / "in", 4)
+    path = _write_recipe(tmp_path, BASE.replace("steps = 4", "steps = 30").replace("strength = 0.5", "strength = 1.0"))
+    cmd = [sys.executable, "-m", "editsuite.cli.app", "batch", str(path)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    for line in proc.stderr:
+        if line.startswith("done"):
+            break
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait() == 130
+    assert "stopped; run the same command again to finish" in rest
+    assert "Traceback" not in rest
+    made = sorted(p.name for p in (tmp_path / "out").iterdir() if p.suffix == ".png")
+    assert 1 <= len(made) < 4
+    assert subprocess.run(cmd + ["-q"]).returncode == 0
+    assert len(list((tmp_path / "out").glob("*.png"))) == 4
