@@ -226,7 +226,7 @@ def _check_complete(out: Path, expected: dict) -> None:
 
 def test_ctrl_c_stops_after_the_current_step_and_rerun_finishes(tmp_path):
     _scenes(tmp_path / "in", 4)
-    path = _write_recipe(tmp_path, BASE.replace("steps = 4", "steps = 30").replace("strength = 0.5", "strength = 1.0"))
+    path = _write_recipe(tmp_path, BASE.replace("steps = 4", "steps = 15").replace("strength = 0.5", "strength = 1.0"))
     cmd = [sys.executable, "-m", "editsuite.cli.app", "batch", str(path)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     for line in proc.stderr:

@@ -267,7 +267,7 @@ def load_recipe(path: str | Path) -> Recipe:
     if unknown:
         _fail(label, unknown[0], data[unknown[0]], f"a recipe has the keys {', '.join(sorted(TOP_KEYS))}")
     task = data.get("task")
-    if task not in TASKS:
+    if not isinstance(task, str) or task not in TASKS:
         _fail(label, "task", task, f"use one of {', '.join(TASKS)}")
     model = data.get("model")
     if model is not None and not isinstance(model, str):

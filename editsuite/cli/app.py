@@ -205,6 +205,11 @@ def _quiet_libraries() -> None:
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' conversion passes draw tqdm bars
+    import warnings
+
+    # Pillow warns on stderr about damaged metadata it skips (corrupt EXIF, TIFF tags); a broken file is
+    # reported in one line of our own, and a readable one needs no warning
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
 
