@@ -241,3 +241,19 @@ def test_ctrl_c_stops_after_the_current_step_and_rerun_finishes(tmp_path):
     assert 1 <= len(made) < 4
     assert subprocess.run(cmd + ["-q"]).returncode == 0
     assert len(list((tmp_path / "out").glob("*.png"))) == 4
+
+
+def test_inpaint_masks_by_name_missing_or_mismatched_are_bad_items(tmp_path, capsys):
+    _scenes(tmp_path / "in", 3)
+    (tmp_path / "masks").mkdir()
+    box = np.zeros((64, 64), np.uint8)
+    box[16:48, 16:48] = 255
+    PIL.Image.fromarray(box).save(tmp_path / "masks" / "scene00.png")
+    PIL.Image.fromarray(box[:32]).save(tmp_path / "masks" / "scene01.png")  # another size
+    recipe = BASE.replace('task = "img2img"', 'task = "inpaint"').replace("strength = 0.5", "strength = 1.0")
+    recipe = recipe.replace('images = ["in/*.png"]', 'images = ["in/*.png"]\nmasks = "masks/{stem}.png"')
+    path = _write_recipe(tmp_path, recipe)
+    assert main(["batch", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "1 done, 0 finished before, 2 failed" in err
+    assert "scene02.png' not found" in err and "mask" in err

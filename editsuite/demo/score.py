@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -24,11 +25,15 @@ from editsuite.demo.scenes import COLOURS, SHAPES, Scene, parse, render, sample_
 from editsuite.demo.train import heldout_prompts
 
 
+FAMILY = None  # --family: score the three folders in this folder instead of the installed family
+
+
 def _load(kind):
     from editsuite.bundle.loader import load_bundle
-    from editsuite.demo import demo_model
+    from editsuite.demo import FOLDERS, demo_model
 
-    return load_bundle(demo_model(kind), device="cpu", dtype="float32")
+    folder = demo_model(kind) if FAMILY is None else FAMILY / FOLDERS[kind]
+    return load_bundle(folder, device="cpu", dtype="float32")
 
 
 def score_txt2img(n: int, seeds=(0, 1)) -> dict:
@@ -129,7 +134,11 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=200, help="txt2img prompts (inpaint/outpaint/upscale use n/2)")
     ap.add_argument("--only", choices=("txt2img", "inpaint", "outpaint", "upscale"), action="append")
     ap.add_argument("--out", default=None, help="write the scores as JSON here")
+    ap.add_argument("--family", type=Path, default=None, help="a folder with base/, inpainting/, upscaler/ "
+                    "(default: the installed family)")
     args = ap.parse_args(argv)
+    global FAMILY
+    FAMILY = args.family
     parts = {"txt2img": lambda: score_txt2img(args.n), "inpaint": lambda: score_inpaint(args.n // 2),
              "outpaint": lambda: score_outpaint(args.n // 2), "upscale": lambda: score_upscale(args.n // 2)}
     results = {}
