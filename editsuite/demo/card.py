@@ -14,7 +14,7 @@ ROLE = {
     "base": "4-channel UNet (epsilon prediction): txt2img, img2img, outpaint, tiled upscale, 4-channel inpaint.",
     "inpainting": "9-channel UNet (latents + mask + masked-image latents), started from the base UNet.",
     "upscaler": "x4 upscaler: 7-channel UNet (latents + noised low-res image, class_labels = noise level), "
-                "v-prediction, latent scaling 0.08333. Trained without prompts: its prompt is ignored.",
+                "v-prediction, VAE factor 4 with scaling 0.08333. Trained without prompts: its prompt is ignored.",
 }
 
 
@@ -28,10 +28,8 @@ def card(name: str, times: dict, scores: dict, total_mb: float) -> str:
         f"# editsuite demo model: {name}",
         "",
         "A demo, not a general model. It knows one small world: simple shapes in plain colours on a plain",
-        "background, at 64x64 pixels (VAE factor 4: 16x16 latents; the upscaler: 16-32 px in, 4x out). It goes",
-        "through exactly the same",
+        "background, at 64x64 pixels (the upscaler: 16-32 px in, 4x out). It goes through exactly the same",
         "loading, task and conversion code as a real Stable Diffusion checkpoint.",
-        "The three members share one VAE (for the upscaler with its latents rescaled to 0.08333).",
         "",
         f"Role: {ROLE[name]}",
         "",

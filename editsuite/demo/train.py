@@ -1,11 +1,12 @@
 """Train the demo model family from scratch: `python -m editsuite.demo.train [--stage all] [--scale 1.0]`.
 
 Stages, in order (each saves its result, so a later stage can be rerun alone):
-  vae       AutoencoderKL, factor 4, on 32x32 crops of 64x64 renders and of 128x128 renders
-  vaetune   the same VAE on whole 64x64 pictures (both kinds), at a lower rate; sets the latent scaling
+  vae       AutoencoderKL, factor 8, on 32x32 crops of 64x64 renders
+  vaetune   the same VAE on whole 64x64 renders, at a lower rate; sets the latent scaling factor
   base      CLIP text encoder + 4-channel UNet (epsilon), captions of the grammar, 10 % empty for guidance
   inpaint   9-channel UNet started from the base UNet (extra input channels zero), text encoder frozen
-  upvae     the same VAE for the x4 upscaler, its latents rescaled exactly to the upscaler's 0.08333 scaling
+  upvae     AutoencoderKL, factor 4, for the x4 upscaler, on crops
+  upvaetune the same on whole pictures; latents rescaled to the upscaler's 0.08333 scaling
   upscaler  7-channel UNet (v-prediction) + class_labels = noise level, on low/high-resolution pairs
 Then `export` writes the three diffusers folders into editsuite/demo/{base,inpainting,upscaler} in fp16.
 
@@ -35,9 +36,6 @@ from editsuite.demo.scenes import render, sample_scene
 ROOT = Path(__file__).resolve().parent
 TOKENIZER = ROOT.parent / "configs" / "sd-v1" / "tokenizer"
 RES = 64  # native resolution of base and inpainting models
-FACTOR = 4  # VAE downsampling: a small object (15 px at 64 px) spans 4 latent pixels, not 2 as at factor 8
-LAT = RES // FACTOR
-MIN_SNR = 5.0  # min-SNR-gamma loss weighting (Hang et al. 2023): faster convergence for the same steps
 HELDOUT_SEED, TRAIN_SEED = 20261127, 7
 
 BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
@@ -90,7 +88,7 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
 
 
-def make_vae(blocks: tuple[int, ...] = (16, 32, 64)) -> AutoencoderKL:
+def make_vae(blocks: list[int]) -> AutoencoderKL:
     n = len(blocks)
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * n,
                          up_block_types=["UpDecoderBlock2D"] * n, block_out_channels=blocks, layers_per_block=1,
@@ -159,9 +157,9 @@ def make_unet(in_channels: int, *, upscaler: bool = False) -> UNet2DConditionMod
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8, attention_head_dim=8,
             norm_num_groups=16, num_class_embeds=1000)
     return UNet2DConditionModel(
-        sample_size=LAT, in_channels=in_channels, out_channels=4, block_out_channels=(64, 96),
-        layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
+        sample_size=RES // 8, in_channels=in_channels, out_channels=4, block_out_channels=(64, 96),
+        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
         norm_num_groups=16)
 
 
@@ -193,9 +191,7 @@ def train_unet(unet, text_encoder, *, steps: int, batch: int, make_batch, sched,
             ctx = text_encoder(ids)[0]
         inp = xt if extra is None else torch.cat([xt, extra], dim=1)
         pred = unet(inp, t, ctx, class_labels=labels).sample
-        snr = acp[t] / (1 - acp[t])
-        weight = snr.clamp(max=MIN_SNR) / (snr + 1 if sched.config.prediction_type == "v_prediction" else snr)
-        loss = (weight * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
+        loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -234,20 +230,15 @@ class Trainer:
 
     # -- stages -----------------------------------------------------------------------------------------
 
-    def both(self, b: int) -> np.ndarray:
-        """64x64 pictures: half whole renders (base models), half crops of 128x128 renders (upscaler)."""
-        return np.concatenate([self.renders(b // 2)[1], self.hi_crops(b - b // 2)[0]])
-
     def vae(self):
-        """One VAE for the family: the upscaler's high-resolution crops and the base pictures alike."""
-        vae = make_vae()
-        vae = train_vae(vae, self.n(3000), 32, lambda b: to_tensor(self.crops(self.both(b))), "vae")
+        vae = make_vae([16, 32, 64, 64])
+        vae = train_vae(vae, self.n(2600), 32, lambda b: to_tensor(self.crops(self.renders(b)[1])), "vae")
         vae.save_pretrained(self.work / "vae")
 
     def vaetune(self):
         """Whole 64x64 pictures at a lower rate: clean borders and sharper edges than crops alone give."""
         vae = AutoencoderKL.from_pretrained(self.work / "vae")
-        vae = train_vae(vae, self.n(800), 32, lambda b: to_tensor(self.both(b)), "vaetune", lr=4e-4)
+        vae = train_vae(vae, self.n(750), 32, lambda b: to_tensor(self.renders(b)[1]), "vaetune", lr=4e-4)
         lat = encode_moments(vae, self.renders(2048)[1])
         scale = 1.0 / sample_latents(lat, 1.0).std().item()
         vae.register_to_config(scaling_factor=round(scale, 5))
@@ -276,7 +267,7 @@ class Trainer:
             u.save_pretrained(self.work / "unet")
             t.save_pretrained(self.work / "text_encoder")
 
-        save(*train_unet(unet, te, steps=self.n(2000), batch=64, make_batch=batch, sched=sched, name="base",
+        save(*train_unet(unet, te, steps=self.n(3400), batch=64, make_batch=batch, sched=sched, name="base",
                          lr=6e-4, train_text=True, checkpoint=save))
 
     def inpaint(self):
@@ -295,7 +286,7 @@ class Trainer:
         moments = encode_moments(vae, x)
         m = torch.from_numpy(masks)[:, None].float()
         masked_moments = encode_moments(vae, x * (m < 0.5))
-        mask_lat = F.interpolate(m, size=(LAT, LAT))
+        mask_lat = F.interpolate(m, size=(RES // 8, RES // 8))
         ids = tokenize(self.tok, [s.caption() for s in ss])
         empty = tokenize(self.tok, [""])[0]
         sf = vae.config.scaling_factor
@@ -312,7 +303,7 @@ class Trainer:
         def save(u, _):
             u.save_pretrained(self.work / "unet_inpainting")
 
-        save(*train_unet(unet, te, steps=self.n(1000), batch=64, make_batch=batch, sched=sched, name="inpaint",
+        save(*train_unet(unet, te, steps=self.n(1600), batch=64, make_batch=batch, sched=sched, name="inpaint",
                          lr=3e-4, train_text=False, checkpoint=save))
 
     def mask_for(self, scene) -> np.ndarray:
@@ -346,12 +337,18 @@ class Trainer:
         return m
 
     def upvae(self):
-        """The family's VAE for the upscaler. diffusers' upscale pipeline fixes the latent scaling at 0.08333:
-        rescale the latent space to match, exactly, by scaling the posterior's mean (and variance) in
-        quant_conv and undoing it in post_quant_conv."""
-        vae = AutoencoderKL.from_pretrained(self.work / "vae")
+        vae = make_vae([16, 32, 64])
+        vae = train_vae(vae, self.n(1600), 32, lambda b: to_tensor(self.crops(self.hi_crops(b)[0])), "upvae")
+        vae.save_pretrained(self.work / "upvae-crops")
+
+    def upvaetune(self):
+        """As `vaetune`: whole 64x64 pictures, for clean borders; then the latent rescaling."""
+        vae = AutoencoderKL.from_pretrained(self.work / "upvae-crops")
+        vae = train_vae(vae, self.n(700), 32, lambda b: to_tensor(self.hi_crops(b)[0]), "upvaetune", lr=4e-4)
         lat = encode_moments(vae, self.hi_crops(1024)[0])
         std = sample_latents(lat, 1.0).std().item()
+        # diffusers' upscale pipeline fixes the scaling at 0.08333: rescale the latent space to match, exactly,
+        # by scaling the posterior's mean (and variance) in quant_conv and undoing it in post_quant_conv.
         k = (1 / 0.08333) / std
         with torch.no_grad():
             vae.quant_conv.weight[:4] *= k
@@ -397,7 +394,7 @@ class Trainer:
         def save(u, _):
             u.save_pretrained(self.work / "unet_upscaler")
 
-        save(*train_unet(unet, te, steps=self.n(1800), batch=32, make_batch=batch, sched=sched, name="upscaler",
+        save(*train_unet(unet, te, steps=self.n(1500), batch=32, make_batch=batch, sched=sched, name="upscaler",
                          lr=5e-4, train_text=False, checkpoint=save))
 
     # -- export ------------------------------------------------------------------------------------------
@@ -440,7 +437,7 @@ def _slim(folder: Path) -> None:
     shutil.copytree(TOKENIZER, folder / "tokenizer")
 
 
-STAGES = ("vae", "vaetune", "base", "inpaint", "upvae", "upscaler", "export")
+STAGES = ("vae", "vaetune", "base", "inpaint", "upvae", "upvaetune", "upscaler", "export")
 
 
 def main(argv=None) -> None:
