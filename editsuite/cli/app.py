@@ -10,9 +10,9 @@ from typing import Optional
 import click
 import typer
 
-from editsuite.cli.options import (AllowPickle, Backend, ComputeUnits, Device, Dtype, Guidance, Height, Inputs, Json, MaxPixels,
-                                   Model, Negative, NumImages, OptGuidance, OptPrompt, Output, Overwrite, Prompt,
-                                   Quiet, Scheduler, Seed, Steps, Strength, Width)
+from editsuite.cli.options import (AllowPickle, Backend, ComputeUnits, Device, Dtype, Guidance, Height, Inputs, Json,
+                                   MaxPixels, Model, Negative, NumImages, OptGuidance, OptPrompt, Output, Overwrite,
+                                   Prompt, Quiet, Scheduler, Seed, Steps, Strength, Width)
 from editsuite.cli.run import Job, execute
 from editsuite.errors import UserError
 from editsuite.imaging.io import DEFAULT_MAX_PIXELS
@@ -32,7 +32,8 @@ def txt2img(
     prompt: Prompt, negative_prompt: Negative = "", width: Width = None, height: Height = None,
     steps: Steps = DEFAULT_STEPS, guidance: Guidance = DEFAULT_GUIDANCE, seed: Seed = None,
     scheduler: Scheduler = None, num_images: NumImages = 1, output: Output = None, model: Model = None,
-    backend: Backend = "auto", compute_units: ComputeUnits = "all", device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False,
+    backend: Backend = "auto",
+    compute_units: ComputeUnits = "all", device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False,
     quiet: Quiet = False, json_out: Json = False, allow_pickle: AllowPickle = False,
 ):
     """Paint a picture from a prompt."""
@@ -44,7 +45,8 @@ def img2img(
     inputs: Inputs, prompt: Prompt, strength: Strength = 0.75, negative_prompt: Negative = "",
     width: Width = None, height: Height = None, steps: Steps = DEFAULT_STEPS, guidance: Guidance = DEFAULT_GUIDANCE,
     seed: Seed = None, scheduler: Scheduler = None, num_images: NumImages = 1, output: Output = None,
-    model: Model = None, backend: Backend = "auto", compute_units: ComputeUnits = "all", device: Device = "auto", dtype: Dtype = "auto",
+    model: Model = None, backend: Backend = "auto",
+    compute_units: ComputeUnits = "all", device: Device = "auto", dtype: Dtype = "auto",
     overwrite: Overwrite = False, quiet: Quiet = False, json_out: Json = False, allow_pickle: AllowPickle = False,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
 ):
@@ -65,7 +67,8 @@ def inpaint(
     resize_mask: bool = typer.Option(False, "--resize-mask", help="Stretch a mask of another size to the image."),
     negative_prompt: Negative = "", width: Width = None, height: Height = None, steps: Steps = DEFAULT_STEPS,
     guidance: Guidance = DEFAULT_GUIDANCE, seed: Seed = None, scheduler: Scheduler = None,
-    num_images: NumImages = 1, output: Output = None, model: Model = None, backend: Backend = "auto", compute_units: ComputeUnits = "all",
+    num_images: NumImages = 1, output: Output = None, model: Model = None, backend: Backend = "auto",
+    compute_units: ComputeUnits = "all",
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
     json_out: Json = False, allow_pickle: AllowPickle = False, max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
 ):
@@ -86,7 +89,8 @@ def outpaint(
     feather: int = typer.Option(16, min=0, help="Fade the new area in over this many pixels from the edge."),
     negative_prompt: Negative = "", steps: Steps = DEFAULT_STEPS, guidance: Guidance = DEFAULT_GUIDANCE,
     seed: Seed = None, scheduler: Scheduler = None, num_images: NumImages = 1, output: Output = None,
-    model: Model = None, backend: Backend = "auto", compute_units: ComputeUnits = "all", device: Device = "auto", dtype: Dtype = "auto",
+    model: Model = None, backend: Backend = "auto",
+    compute_units: ComputeUnits = "all", device: Device = "auto", dtype: Dtype = "auto",
     overwrite: Overwrite = False, quiet: Quiet = False, json_out: Json = False, allow_pickle: AllowPickle = False,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
 ):
@@ -108,7 +112,8 @@ def upscale(
     noise_level: int = typer.Option(20, min=0, help="x4 upscaler: noise added to the low-res input."),
     negative_prompt: Negative = "", steps: Steps = DEFAULT_STEPS, guidance: OptGuidance = None, seed: Seed = None,
     scheduler: Scheduler = None, num_images: NumImages = 1, output: Output = None, model: Model = None,
-    backend: Backend = "auto", compute_units: ComputeUnits = "all", device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False,
+    backend: Backend = "auto",
+    compute_units: ComputeUnits = "all", device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False,
     quiet: Quiet = False, json_out: Json = False, allow_pickle: AllowPickle = False,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
 ):
