@@ -93,9 +93,9 @@ class Batch:
         self.fingerprint = recipe.fingerprint()
         self.journal = Journal(recipe.folder, self.fingerprint)
 
-    def plan(self) -> list[tuple[Item, str]]:
+    def plan(self, records: dict | None = None) -> list[tuple[Item, str]]:
         """(item, action) for every item: "run", "finished" (done before) or "exists" (a file in the way)."""
-        records = self.journal.finished()
+        records = self.journal.finished() if records is None else records
         out = []
         for item in self.items:
             rec = records.get(item.key)
@@ -137,11 +137,11 @@ class Batch:
         from editsuite.core.loop import Cancelled
 
         self._clean_temporaries()
-        plan = self.plan()
+        records = self.journal.finished()
         todo = []
-        for item, action in plan:
+        for item, action in self.plan(records):
             if action == "finished":
-                rec = self.journal.finished().get(item.key)
+                rec = records.get(item.key)
                 if rec is None or rec.get("status") != "done":  # renamed but not journaled before a kill
                     self.journal.record(item=item.key, status="done", output=item.output.name, seed=item.seed)
                 yield ItemResult(item.key, "finished", item.output)
