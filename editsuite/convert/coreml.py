@@ -135,13 +135,13 @@ def _spec(bundle, name: str, settings: Settings):
     if part != 2:
         return module, head, {"sample": [(n, m.unet_in_channels, *s) for s in lat]}
     first = Unet(b.unet_model, settings.attention, part=1)
-    with torch.no_grad():
-        mids = first(*head.values())
     shapes_by_res = []
-    for s in lat:  # the intermediate shapes at every resolution, from running chunk 1 at that size
-        probe = dict(head, sample=torch.zeros(n, m.unet_in_channels, *s))
+    for i, s in enumerate(lat):  # chunk 1 at every size: its outputs' shapes, and the example inputs
+        probe = head if i == 0 else dict(head, sample=torch.zeros(n, m.unet_in_channels, *s))
         with torch.no_grad():
-            shapes_by_res.append([tuple(t.shape) for t in first(*probe.values())])
+            out = first(*probe.values())
+        mids = out if i == 0 else mids
+        shapes_by_res.append([tuple(t.shape) for t in out])
     names = list(first.outputs)
     inputs = {"hidden_states": mids[0], "temb": mids[1], "encoder_hidden_states": head["encoder_hidden_states"]}
     inputs |= {k: t for k, t in zip(names[2:], mids[2:])}
