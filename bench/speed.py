@@ -1,15 +1,19 @@
-"""Time editsuite against diffusers on the same machine, in the same run, on the same components.
+"""Time editsuite against diffusers on the same machine, in the same run, on the same model files.
 
     python bench/speed.py [--model sd15|demo] [--size 512] [--steps 20] [--repeat 3] [--dtype auto]
 
-Measured side by side (each a median of --repeat runs after one warm-up):
-- one UNet step with guidance (batch 2) at --size;
-- VAE encode and VAE decode of one --size picture;
-- a whole txt2img of --steps steps;
-for diffusers' fp32 default, diffusers with bf16 weights, and editsuite with the given --dtype. Ratios are
-against diffusers fp32 measured in this run. Peak memory (max RSS) is measured per configuration in a
-child process. `sd15` is SD 1.5's architecture with random weights (nothing can be downloaded here;
-timing does not need the weights); `demo` is the built-in demo model.
+Three configurations: diffusers' fp32 default (StableDiffusionPipeline as loaded, SDPA attention),
+diffusers with bf16 weights (its best plain setting on a CPU with bf16), and editsuite with --dtype (auto:
+its fast default). For each, in child processes of its own:
+- `micro`: one UNet step with guidance (batch 2), one VAE encode and one VAE decode of a --size picture,
+  each the median of --repeat runs after a warm-up;
+- `txt2img`: a fresh process that loads the model and makes one --size picture in --steps steps (the
+  model's own scheduler, seed 0); its time is the generation call, its peak memory the process's max RSS
+  (loading included).
+Ratios are against diffusers fp32 measured in this run. The pictures are saved under build/speed/ and
+compared: PSNR of each against diffusers fp32 (editsuite fp32 equals diffusers fp32 exactly, see
+tests/test_parity.py, so this is what the precision costs). `sd15` is SD 1.5's architecture with random
+weights (nothing can be downloaded here; timing does not need the weights), `demo` the built-in demo model.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "build" / "speed"
+PROMPT = "a red circle on a blue background"
+CONFIGS = ("diffusers-fp32", "diffusers-bf16", "editsuite")
 
 
 def _model_folder(name: str) -> Path:
@@ -53,11 +60,10 @@ def _median(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
-def measure(config: str, folder: Path, size: int, steps: int, repeat: int, dtype: str) -> dict:
-    """One configuration, in this process: {"unet_step", "vae_encode", "vae_decode", "txt2img", "peak_gib"}."""
+def _load(config: str, folder: Path, dtype: str):
+    """(generate(), unet(x, t, ctx), encode(img), decode(z), dtype, unet config, latent factor)."""
     import torch
 
-    torch.manual_seed(0)
     if config.startswith("diffusers"):
         from diffusers import StableDiffusionPipeline
 
@@ -65,40 +71,75 @@ def measure(config: str, folder: Path, size: int, steps: int, repeat: int, dtype
         pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=weights, safety_checker=None,
                                                        requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
-        unet, vae, dt = pipe.unet, pipe.vae, weights
-        vae_config = vae.config
-        run = lambda: pipe("a red circle on a blue background", num_inference_steps=steps, height=size,  # noqa: E731
-                           width=size, generator=torch.Generator().manual_seed(0))
-        unet_call = lambda x, t, c: unet(x, t, encoder_hidden_states=c).sample  # noqa: E731
-        encode = lambda img: vae.encode(img).latent_dist.mean  # noqa: E731
-        decode = lambda z: vae.decode(z).sample  # noqa: E731
-    else:
-        from editsuite import Txt2Img, load_bundle
 
-        bundle = load_bundle(folder, device="cpu", dtype=dtype)
-        b, dt = bundle.backend, bundle.dtype
-        task = Txt2Img(bundle)
-        run = lambda: task.run("a red circle on a blue background", steps=steps, width=size, height=size,  # noqa: E731
-                               seed=0)
-        unet_call = b.unet
-        encode = b.vae_encode
-        decode = b.vae_decode
-        unet = b.unet_model
-        vae_config = b.vae.config
-    latent = size // 2 ** (len(vae_config["block_out_channels"]) - 1)
+        def generate(size, steps):
+            return pipe(PROMPT, num_inference_steps=steps, height=size, width=size,
+                        generator=torch.Generator().manual_seed(0)).images[0]
+
+        unet, vae = pipe.unet, pipe.vae
+        return (generate, lambda x, t, c: unet(x, t, encoder_hidden_states=c).sample,
+                lambda img: vae.encode(img).latent_dist.mean, lambda z: vae.decode(z).sample,
+                weights, unet.config, pipe.vae_scale_factor)
+    from editsuite import Txt2Img, load_bundle
+
+    bundle = load_bundle(folder, device="cpu", dtype=dtype)
+    task = Txt2Img(bundle)
+    b = bundle.backend
+
+    def generate(size, steps):
+        return task.run(PROMPT, steps=steps, width=size, height=size, seed=0).images[0]
+
+    return generate, b.unet, b.vae_encode, b.vae_decode, b.dtype, b.unet_model.config, bundle.manifest.vae_scale_factor
+
+
+def micro(config: str, folder: Path, size: int, repeat: int, dtype: str) -> dict:
+    import torch
+
+    _, unet, encode, decode, dt, unet_config, factor = _load(config, folder, dtype)
+    torch.manual_seed(0)
+    latent = size // factor
     x = torch.randn(2, 4, latent, latent, dtype=dt)
-    ctx = torch.randn(2, 77, unet.config.cross_attention_dim, dtype=dt)
+    ctx = torch.randn(2, 77, unet_config.cross_attention_dim, dtype=dt)
     img = torch.rand(1, 3, size, size, dtype=dt) * 2 - 1
     z = torch.randn(1, 4, latent, latent, dtype=dt)
     with torch.inference_mode():
-        out = {
-            "unet_step": _median(lambda: unet_call(x, torch.tensor(500), ctx), repeat),
+        return {
+            "unet_step": _median(lambda: unet(x, torch.tensor(500), ctx), repeat),
             "vae_encode": _median(lambda: encode(img), repeat),
             "vae_decode": _median(lambda: decode(z), repeat),
         }
-    out["txt2img"] = _median(run, 1)
-    out["peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return out
+
+
+def txt2img(config: str, folder: Path, size: int, steps: int, dtype: str, model: str) -> dict:
+    t0 = time.perf_counter()
+    generate = _load(config, folder, dtype)[0]
+    loaded = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    image = generate(size, steps)
+    seconds = time.perf_counter() - t0
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"{model}-{config}.png"
+    image.save(path)
+    return {"txt2img": seconds, "load": loaded, "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "image": str(path)}
+
+
+def _child(*args: str) -> dict:
+    cmd = [sys.executable, __file__, *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
+    if done.returncode:
+        print(done.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"{' '.join(args)} failed")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def psnr(a: str, b: str) -> float:
+    import numpy as np
+    from PIL import Image
+
+    x, y = (np.asarray(Image.open(p).convert("RGB"), dtype=np.float64) for p in (a, b))
+    mse = float(((x - y) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def main() -> None:
@@ -108,32 +149,36 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dtype", default="auto", help="editsuite's --dtype")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
     ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--what", help=argparse.SUPPRESS)
     args = ap.parse_args()
     size = args.size or (512 if args.model == "sd15" else 64)
     folder = _model_folder(args.model)
     if args.one:
-        print(json.dumps(measure(args.one, folder, size, args.steps, args.repeat, args.dtype)))
+        out = (micro(args.one, folder, size, args.repeat, args.dtype) if args.what == "micro"
+               else txt2img(args.one, folder, size, args.steps, args.dtype, args.model))
+        print(json.dumps(out))
         return
     rows = {}
-    for config in ("diffusers-fp32", "diffusers-bf16", f"editsuite-{args.dtype}"):
-        cmd = [sys.executable, __file__, "--one", config, "--model", args.model, "--size", str(size),
-               "--steps", str(args.steps), "--repeat", str(args.repeat), "--dtype", args.dtype]
-        done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
-        if done.returncode:
-            print(done.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"{config} failed")
-        rows[config] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(config, rows[config], flush=True)
-    ref = rows["diffusers-fp32"]
-    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads default; "
-          f"model {args.model}, {size}x{size}, {args.steps} steps")
-    print(f"{'config':22s} {'UNet step':>10s} {'VAE enc':>9s} {'VAE dec':>9s} {'txt2img':>9s} {'peak GiB':>9s}  "
-          f"speed-up vs diffusers fp32 (step / dec / txt2img), memory ratio")
+    for config in args.configs.split(","):
+        common = ["--one", config, "--model", args.model, "--size", str(size), "--steps", str(args.steps),
+                  "--repeat", str(args.repeat), "--dtype", args.dtype]
+        rows[config] = {**_child(*common, "--what", "micro"), **_child(*common, "--what", "txt2img")}
+        print(config, json.dumps(rows[config]), flush=True)
+    ref = rows.get("diffusers-fp32")
+    print(f"\n{platform.machine()}, {os.cpu_count()} cores, torch default threads; model {args.model}, "
+          f"{size}x{size}, txt2img {args.steps} steps; editsuite --dtype {args.dtype}")
+    print(f"| config | UNet step s | VAE encode s | VAE decode s | txt2img s | peak GiB | step x | decode x | "
+          f"txt2img x | memory x | PSNR vs fp32 dB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
-        print(f"{name:22s} {r['unet_step']:>10.3f} {r['vae_encode']:>9.3f} {r['vae_decode']:>9.3f} {r['txt2img']:>9.2f} "
-              f"{r['peak_gib']:>9.2f}  {ref['unet_step'] / r['unet_step']:.2f}x / {ref['vae_decode'] / r['vae_decode']:.2f}x"
-              f" / {ref['txt2img'] / r['txt2img']:.2f}x, {r['peak_gib'] / ref['peak_gib']:.2f}")
+        ratios = "| | | |" if ref is None else (
+            f"{ref['unet_step'] / r['unet_step']:.2f} | {ref['vae_decode'] / r['vae_decode']:.2f} | "
+            f"{ref['txt2img'] / r['txt2img']:.2f} | {r['peak_gib'] / ref['peak_gib']:.2f} |")
+        quality = "" if ref is None else f" {psnr(ref['image'], r['image']):.1f} |"
+        print(f"| {name} | {r["unet_step"]:.3g} | {r["vae_encode"]:.3g} | {r["vae_decode"]:.3g} | {r["txt2img"]:.3g} | "
+              f"{r['peak_gib']:.2f} | {ratios}{quality}")
 
 
 if __name__ == "__main__":

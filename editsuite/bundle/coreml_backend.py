@@ -64,7 +64,8 @@ class CoreMLBackend:
     def __init__(self, folder: Path, manifest: dict, *, compute_units: str = "all", use_coreml: bool | None = None):
         self.folder = folder
         self.device = torch.device("cpu")
-        self.dtype = torch.float32
+        self.dtype = torch.float32  # of the tensors crossing the interface
+        self.compute_dtype = torch.float16
         self.compute_units = compute_units
         self.use_coreml = on_macos() if use_coreml is None else use_coreml
         self.batch = int(manifest.get("unet_batch", 2))

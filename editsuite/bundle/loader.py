@@ -42,7 +42,13 @@ class ModelBundle:
 
     @property
     def dtype(self) -> torch.dtype:
+        """dtype of the tensors the loop works in (float32: latents, scheduler, guidance)."""
         return self.backend.dtype
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """dtype the modules compute in (what `--dtype` chose)."""
+        return self.backend.compute_dtype
 
     def identity(self) -> dict:
         """What the model is, for metadata: the manifest plus the weights' hash (computed once)."""
@@ -98,8 +104,9 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        # CPUs compute fp16 slowly and some ops not at all: fp32 there; half precision on GPUs.
-        return torch.float32 if device.type == "cpu" else torch.float16
+        from editsuite.bundle.speed import fast_dtype
+
+        return fast_dtype(device)
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; use one of: auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]

@@ -64,7 +64,9 @@ def execute(job: Job) -> None:
     outs = output_paths(job.opt("output"), task=job.task, seeds=[common.seed] * n, inputs=paths or None,
                         n_per_input=n, overwrite=job.opt("overwrite"))
     # 4. Load the model once, build the task
-    task = TASKS[job.task](_load(job, quiet))
+    bundle = _load(job, quiet)
+    task = TASKS[job.task](bundle)
+    shown = {bundle.notice}
     # 5. Run each input, then save its outputs atomically
     run_args = dict(prompt=common.prompt, negative_prompt=common.negative_prompt, steps=common.steps,
                     seed=common.seed, scheduler=common.scheduler, num_images=n, **job.task_args)
@@ -79,6 +81,10 @@ def execute(job: Job) -> None:
         with _Progress(label, quiet) as progress:
             result = task.run(item, **args, callback=progress.step) if item is not None else \
                 task.run(**args, callback=progress.step)
+        late = getattr(bundle.backend, "notice", None)  # e.g. an fp16 VAE that fell back to float32
+        if late not in shown and not quiet:
+            typer.echo(late, err=True)
+            shown.add(late)
         for j, image in enumerate(result.images):
             settings = {**result.metadata, "batch_index": j}
             if paths:

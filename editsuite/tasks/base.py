@@ -121,7 +121,7 @@ class Task:
             **extra,
             "model": self.bundle.identity(),
             "backend": self.bundle.backend.name,
-            "dtype": str(self.bundle.dtype).replace("torch.", ""),
+            "dtype": str(self.bundle.compute_dtype).replace("torch.", ""),
             "editsuite": __version__,
         }
 
