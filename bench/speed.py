@@ -77,9 +77,9 @@ def _load(config: str, folder: Path, dtype: str):
                         generator=torch.Generator().manual_seed(0)).images[0]
 
         unet, vae = pipe.unet, pipe.vae
-        return (generate, lambda x, t, c: unet(x, t, encoder_hidden_states=c).sample,
+        return (generate, lambda x, t, c, **kw: unet(x, t, encoder_hidden_states=c).sample,
                 lambda img: vae.encode(img).latent_dist.mean, lambda z: vae.decode(z).sample,
-                weights, unet.config, pipe.vae_scale_factor)
+                weights, unet.config, pipe.vae_scale_factor, None)
     from editsuite import Txt2Img, load_bundle
 
     bundle = load_bundle(folder, device="cpu", dtype=dtype)
@@ -89,25 +89,33 @@ def _load(config: str, folder: Path, dtype: str):
     def generate(size, steps):
         return task.run(PROMPT, steps=steps, width=size, height=size, seed=0).images[0]
 
-    return generate, b.unet, b.vae_encode, b.vae_decode, b.dtype, b.unet_model.config, bundle.manifest.vae_scale_factor
+    return (generate, b.unet, b.vae_encode, b.vae_decode, b.dtype, b.unet_model.config,
+            bundle.manifest.vae_scale_factor, b)
 
 
 def micro(config: str, folder: Path, size: int, repeat: int, dtype: str) -> dict:
     import torch
 
-    _, unet, encode, decode, dt, unet_config, factor = _load(config, folder, dtype)
+    _, unet, encode, decode, dt, unet_config, factor, backend = _load(config, folder, dtype)
     torch.manual_seed(0)
     latent = size // factor
     x = torch.randn(2, 4, latent, latent, dtype=dt)
     ctx = torch.randn(2, 77, unet_config.cross_attention_dim, dtype=dt)
     img = torch.rand(1, 3, size, size, dtype=dt) * 2 - 1
     z = torch.randn(1, 4, latent, latent, dtype=dt)
+    t = torch.tensor(500)
     with torch.inference_mode():
-        return {
-            "unet_step": _median(lambda: unet(x, torch.tensor(500), ctx), repeat),
+        out = {
+            "unet_step": _median(lambda: unet(x, t, ctx), repeat),
             "vae_encode": _median(lambda: encode(img), repeat),
             "vae_decode": _median(lambda: decode(z), repeat),
         }
+        if backend is not None:  # a --cache-interval step between full ones: the UNet's outer level only
+            cache = backend.feature_cache()
+            unet(x, t, ctx, cache=cache)
+            cache.reuse = True
+            out["unet_outer_level"] = _median(lambda: unet(x, t, ctx, cache=cache), repeat)
+    return out
 
 
 def txt2img(config: str, folder: Path, size: int, steps: int, dtype: str, model: str) -> dict:
@@ -122,6 +130,25 @@ def txt2img(config: str, folder: Path, size: int, steps: int, dtype: str, model:
     image.save(path)
     return {"txt2img": seconds, "load": loaded, "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "image": str(path)}
+
+
+def big_vae(folder: Path, size: int, dtype: str) -> dict:
+    """editsuite's VAE decode and encode of one size x size picture (tiled above 1 megapixel), in a fresh
+    process: seconds and the process's peak memory."""
+    import torch
+
+    from editsuite import load_bundle
+
+    backend = load_bundle(folder, device="cpu", dtype=dtype).backend
+    f = 2 ** (len(backend.vae.config.block_out_channels) - 1)
+    z = torch.randn(1, 4, size // f, size // f, generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    pixels = backend.vae_decode(z)
+    decode = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    backend.vae_encode(pixels.clamp(-1, 1))
+    return {"size": size, "decode": decode, "encode": time.perf_counter() - t0,
+            "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 def _child(*args: str) -> dict:
@@ -150,11 +177,16 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dtype", default="auto", help="editsuite's --dtype")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
+    ap.add_argument("--big-vae", type=int, metavar="SIZE", help="only: editsuite's VAE decode and encode of a "
+                    "SIZE x SIZE picture (tiled), time and peak memory")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--what", help=argparse.SUPPRESS)
     args = ap.parse_args()
     size = args.size or (512 if args.model == "sd15" else 64)
     folder = _model_folder(args.model)
+    if args.big_vae:
+        print(json.dumps(big_vae(folder, args.big_vae, args.dtype)))
+        return
     if args.one:
         out = (micro(args.one, folder, size, args.repeat, args.dtype) if args.what == "micro"
                else txt2img(args.one, folder, size, args.steps, args.dtype, args.model))
@@ -167,6 +199,9 @@ def main() -> None:
         rows[config] = {**_child(*common, "--what", "micro"), **_child(*common, "--what", "txt2img")}
         print(config, json.dumps(rows[config]), flush=True)
     ref = rows.get("diffusers-fp32")
+    outer = rows.get("editsuite", {}).get("unet_outer_level")
+    if outer:
+        print(f"editsuite --cache-interval: a step between full ones (outer level only) {outer:.3g} s")
     print(f"\n{platform.machine()}, {os.cpu_count()} cores, torch default threads; model {args.model}, "
           f"{size}x{size}, txt2img {args.steps} steps; editsuite --dtype {args.dtype}")
     print(f"| config | UNet step s | VAE encode s | VAE decode s | txt2img s | peak GiB | step x | decode x | "
@@ -177,7 +212,7 @@ def main() -> None:
             f"{ref['unet_step'] / r['unet_step']:.2f} | {ref['vae_decode'] / r['vae_decode']:.2f} | "
             f"{ref['txt2img'] / r['txt2img']:.2f} | {r['peak_gib'] / ref['peak_gib']:.2f} |")
         quality = "" if ref is None else f" {psnr(ref['image'], r['image']):.1f} |"
-        print(f"| {name} | {r["unet_step"]:.3g} | {r["vae_encode"]:.3g} | {r["vae_decode"]:.3g} | {r["txt2img"]:.3g} | "
+        print(f"| {name} | {r['unet_step']:.3g} | {r['vae_encode']:.3g} | {r['vae_decode']:.3g} | {r['txt2img']:.3g} | "
               f"{r['peak_gib']:.2f} | {ratios}{quality}")
 
 

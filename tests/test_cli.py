@@ -183,6 +183,18 @@ def test_bad_steps(models, work, capsys):
          "steps must be at least 1")
 
 
+def test_bad_cache_interval(models, work, capsys):
+    _bad(work, capsys, ["txt2img", "-p", "x", "-m", models["base"], "--cache-interval", "0"],
+         "--cache-interval must be at least 1")
+
+
+def test_cache_interval_and_dtype_reach_the_metadata(models, work, capsys):
+    assert run("txt2img", "-p", "a red circle", "-m", models["base"], "--json", "--cache-interval", "2",
+               "--dtype", "bfloat16", *FAST) == 0
+    settings = read_settings(Path(json.loads(capsys.readouterr().out)[0]["path"]))
+    assert settings["cache_interval"] == 2 and settings["dtype"] == "bfloat16"
+
+
 def test_bad_scheduler_lists_choices(models, work, capsys):
     _bad(work, capsys, ["txt2img", "-p", "x", "--scheduler", "fancy", "-m", models["base"], *FAST],
          "unknown scheduler 'fancy'", "dpm++2m-karras", "euler-a")

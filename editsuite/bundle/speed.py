@@ -101,6 +101,11 @@ def use_blocked_attention(module: torch.nn.Module) -> None:
 
 
 _malloc_tuned = False
+# Blocks up to 32 MiB (glibc's own ceiling for this setting) come from the heap and stay there when freed,
+# up to 2 GiB of them; larger ones (the VAE's 512x512 activations) are mapped and unmapped as before, so
+# they cannot fragment the heap and raise the peak.
+MMAP_ABOVE = 32 << 20
+KEEP_FREED = 2 << 30
 
 
 def keep_freed_memory() -> None:
@@ -113,8 +118,7 @@ def keep_freed_memory() -> None:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # musl or another libc
         return
-    m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4  # from glibc's malloc.h
-    libc.mallopt(m_mmap_threshold, 1 << 30)
-    libc.mallopt(m_trim_threshold, 1 << 31)
-    libc.mallopt(m_mmap_max, 0)
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    libc.mallopt(m_mmap_threshold, MMAP_ABOVE)
+    libc.mallopt(m_trim_threshold, KEEP_FREED)
     _malloc_tuned = True

@@ -10,7 +10,8 @@ from typing import Optional
 import click
 import typer
 
-from editsuite.cli.options import (AllowPickle, Backend, ComputeUnits, Device, Dtype, Guidance, Height, Inputs, Json,
+from editsuite.cli.options import (AllowPickle, Backend, CacheInterval, ComputeUnits, Device, Dtype, Guidance,
+                                   Height, Inputs, Json,
                                    MaxPixels, Model, Negative, NumImages, OptGuidance, OptPrompt, Output, Overwrite,
                                    Prompt, Quiet, Scheduler, Seed, Steps, Strength, Width)
 from editsuite.cli.run import Job, execute
@@ -33,7 +34,8 @@ def txt2img(
     steps: Steps = DEFAULT_STEPS, guidance: Guidance = DEFAULT_GUIDANCE, seed: Seed = None,
     scheduler: Scheduler = None, num_images: NumImages = 1, output: Output = None, model: Model = None,
     backend: Backend = "auto",
-    compute_units: ComputeUnits = "all", device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False,
+    compute_units: ComputeUnits = "all", device: Device = "auto", dtype: Dtype = "auto",
+    cache_interval: CacheInterval = 1, overwrite: Overwrite = False,
     quiet: Quiet = False, json_out: Json = False, allow_pickle: AllowPickle = False,
 ):
     """Paint a picture from a prompt."""
@@ -47,6 +49,7 @@ def img2img(
     seed: Seed = None, scheduler: Scheduler = None, num_images: NumImages = 1, output: Output = None,
     model: Model = None, backend: Backend = "auto",
     compute_units: ComputeUnits = "all", device: Device = "auto", dtype: Dtype = "auto",
+    cache_interval: CacheInterval = 1,
     overwrite: Overwrite = False, quiet: Quiet = False, json_out: Json = False, allow_pickle: AllowPickle = False,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
 ):
@@ -69,7 +72,8 @@ def inpaint(
     guidance: Guidance = DEFAULT_GUIDANCE, seed: Seed = None, scheduler: Scheduler = None,
     num_images: NumImages = 1, output: Output = None, model: Model = None, backend: Backend = "auto",
     compute_units: ComputeUnits = "all",
-    device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
+    device: Device = "auto", dtype: Dtype = "auto", cache_interval: CacheInterval = 1, overwrite: Overwrite = False,
+    quiet: Quiet = False,
     json_out: Json = False, allow_pickle: AllowPickle = False, max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
 ):
     """Repaint the white part of a mask; everything else stays as it was."""
@@ -91,6 +95,7 @@ def outpaint(
     seed: Seed = None, scheduler: Scheduler = None, num_images: NumImages = 1, output: Output = None,
     model: Model = None, backend: Backend = "auto",
     compute_units: ComputeUnits = "all", device: Device = "auto", dtype: Dtype = "auto",
+    cache_interval: CacheInterval = 1,
     overwrite: Overwrite = False, quiet: Quiet = False, json_out: Json = False, allow_pickle: AllowPickle = False,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
 ):
@@ -113,7 +118,8 @@ def upscale(
     negative_prompt: Negative = "", steps: Steps = DEFAULT_STEPS, guidance: OptGuidance = None, seed: Seed = None,
     scheduler: Scheduler = None, num_images: NumImages = 1, output: Output = None, model: Model = None,
     backend: Backend = "auto",
-    compute_units: ComputeUnits = "all", device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False,
+    compute_units: ComputeUnits = "all", device: Device = "auto", dtype: Dtype = "auto",
+    cache_interval: CacheInterval = 1, overwrite: Overwrite = False,
     quiet: Quiet = False, json_out: Json = False, allow_pickle: AllowPickle = False,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
 ):

@@ -20,7 +20,11 @@ Backend = Annotated[str, typer.Option(help="auto, torch or coreml.")]
 ComputeUnits = Annotated[str, typer.Option(
     help="Core ML bundles on macOS: all, cpu-and-ne, cpu-and-gpu or cpu-only.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
-Dtype = Annotated[str, typer.Option(help="auto (bfloat16 on CPUs that have it, float16 on GPUs, else float32), float32, bfloat16 or float16.")]
+Dtype = Annotated[str, typer.Option(
+    help="auto (bfloat16 on CPUs that have it, float16 on GPUs, else float32), float32, bfloat16 or float16.")]
+CacheInterval = Annotated[int, typer.Option(
+    help="Run the whole UNet every N-th step only, the outer level in between (DeepCache): faster, "
+    "slightly different picture. 1 = off.")]
 Steps = Annotated[int, typer.Option(help="Denoising steps.")]
 Guidance = Annotated[float, typer.Option("--guidance", "-g", help="Classifier-free guidance scale.")]
 OptGuidance = Annotated[Optional[float], typer.Option(

@@ -49,6 +49,8 @@ def execute(job: Job) -> None:
         check_strength(job.task_args["strength"])
     for key in ("width", "height"):
         check_size(job.task_args.get(key), key)
+    if job.opt("cache_interval", 1) < 1:
+        raise UserError(f"--cache-interval must be at least 1 (got {job.opt('cache_interval')}); 1 turns it off")
     # 2. Open every input (and mask) now, so a bad file stops the run before anything is written
     max_pixels = job.opt("max_pixels")
     paths: list[Path] = list(job.opt("inputs") or [])
@@ -115,6 +117,7 @@ def _load(job: Job, quiet: bool):
                          allow_pickle=job.opt("allow_pickle"), compute_units=job.opt("compute_units", "all"))
     if bundle.notice and not quiet:
         typer.echo(bundle.notice, err=True)
+    bundle.cache_interval = job.opt("cache_interval", 1)
     return bundle
 
 

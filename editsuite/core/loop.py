@@ -16,6 +16,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils.torch_utils import randn_tensor
 
 from editsuite.core.prompts import Guidance
+from editsuite.errors import UserError
 
 
 class Cancelled(Exception):
@@ -118,12 +119,20 @@ def denoise(bundle, scheduler, inputs: LoopInputs, *, generator, eta: float = 0.
     latents, g, known = inputs.latents, inputs.guidance, inputs.known
     step_kw = _step_kwargs(scheduler, generator, eta)
     timesteps = inputs.timesteps
+    interval = bundle.cache_interval
+    unet_kw = {}
+    if interval > 1:
+        if not hasattr(bundle.backend, "feature_cache"):
+            raise UserError(f"cache_interval needs the PyTorch backend, not {bundle.backend.name}; leave it at 1")
+        unet_kw["cache"] = bundle.backend.feature_cache()
     for i, t in enumerate(timesteps):
         model_in = torch.cat([latents] * 2) if g.do_cfg else latents
         model_in = scheduler.scale_model_input(model_in, t)
         if inputs.extra_channels is not None:
             model_in = torch.cat([model_in, inputs.extra_channels], dim=1)
-        pred = g.combine(bundle.backend.unet(model_in, t, g.context, class_labels=inputs.class_labels))
+        if interval > 1:
+            unet_kw["cache"].reuse = i % interval != 0
+        pred = g.combine(bundle.backend.unet(model_in, t, g.context, class_labels=inputs.class_labels, **unet_kw))
         latents = scheduler.step(pred, t, latents, **step_kw, return_dict=False)[0]
         if known is not None:
             proper = known.image_latents

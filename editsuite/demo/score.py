@@ -26,6 +26,8 @@ from editsuite.demo.train import heldout_prompts
 
 
 FAMILY = None  # --family: score the three folders in this folder instead of the installed family
+# --dtype, --steps, --scheduler, --cache-interval (float32, 20, the model's own, off: the figures of issue 3)
+RUN = {"dtype": "float32", "steps": 20, "scheduler": None, "cache_interval": 1}
 
 
 def _load(kind):
@@ -33,7 +35,13 @@ def _load(kind):
     from editsuite.demo import FOLDERS, demo_model
 
     folder = demo_model(kind) if FAMILY is None else FAMILY / FOLDERS[kind]
-    return load_bundle(folder, device="cpu", dtype="float32")
+    bundle = load_bundle(folder, device="cpu", dtype=RUN["dtype"])
+    bundle.cache_interval = RUN["cache_interval"]
+    return bundle
+
+
+def _opts(seed: int) -> dict:
+    return {"steps": RUN["steps"], "scheduler": RUN["scheduler"], "seed": seed}
 
 
 def score_txt2img(n: int, seeds=(0, 1)) -> dict:
@@ -45,7 +53,7 @@ def score_txt2img(n: int, seeds=(0, 1)) -> dict:
     for prompt in heldout_prompts(n):
         spec = parse(prompt)
         for seed in seeds:
-            image = task.run(prompt, steps=20, seed=seed).images[0]
+            image = task.run(prompt, **_opts(seed)).images[0]
             for k, v in score(analyse(image), spec).items():
                 totals[k] += v
             runs += 1
@@ -81,7 +89,7 @@ def score_inpaint(n: int, res: int = 64) -> dict:
         mask = np.zeros((res, res), np.uint8)
         mask[y0:y1, x0:x1] = 255
         image = PIL.Image.fromarray(render(scene, res))
-        out = task.run(image, PIL.Image.fromarray(mask), prompt, steps=20, seed=case).images[0]
+        out = task.run(image, PIL.Image.fromarray(mask), prompt, **_opts(case)).images[0]
         region = analyse(np.asarray(out)[y0:y1, x0:x1], min_area=0.05)
         hit += any(f.colour == colour and f.shape == shape for f in region.objects)
         kept += np.array_equal(np.asarray(out)[mask == 0], np.asarray(image)[mask == 0])
@@ -97,7 +105,7 @@ def score_outpaint(n: int, res: int = 64) -> dict:
     for case in range(n):
         scene = sample_scene(rng)
         side = ("left", "right", "top", "bottom")[case % 4]
-        out = np.asarray(task.run(PIL.Image.fromarray(render(scene, res)), scene.caption(), steps=20, seed=case,
+        out = np.asarray(task.run(PIL.Image.fromarray(render(scene, res)), scene.caption(), **_opts(case),
                                   **{side: res // 2}).images[0])
         new = {"left": out[:, : res // 2], "right": out[:, -(res // 2):], "top": out[: res // 2],
                "bottom": out[-(res // 2):]}[side]
@@ -122,7 +130,7 @@ def score_upscale(n: int, low: int = 32) -> dict:
         scene = sample_scene(rng)
         small = PIL.Image.fromarray(render(scene, low))
         truth = render(scene, 4 * low)
-        out = task.run(small, steps=20, seed=case).images[0]
+        out = task.run(small, **_opts(case)).images[0]
         ours.append(psnr(np.asarray(out), truth))
         lanczos.append(psnr(np.asarray(small.resize((4 * low, 4 * low), PIL.Image.LANCZOS)), truth))
     return {"psnr": round(float(np.mean(ours)), 2), "lanczos_psnr": round(float(np.mean(lanczos)), 2),
@@ -136,9 +144,14 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None, help="write the scores as JSON here")
     ap.add_argument("--family", type=Path, default=None, help="a folder with base/, inpainting/, upscaler/ "
                     "(default: the installed family)")
+    ap.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or auto (the fast default)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--scheduler", default=None, help="default: the model's own")
+    ap.add_argument("--cache-interval", type=int, default=1)
     args = ap.parse_args(argv)
     global FAMILY
     FAMILY = args.family
+    RUN.update(dtype=args.dtype, steps=args.steps, scheduler=args.scheduler, cache_interval=args.cache_interval)
     parts = {"txt2img": lambda: score_txt2img(args.n), "inpaint": lambda: score_inpaint(args.n // 2),
              "outpaint": lambda: score_outpaint(args.n // 2), "upscale": lambda: score_upscale(args.n // 2)}
     results = {}

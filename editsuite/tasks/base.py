@@ -122,6 +122,7 @@ class Task:
             "model": self.bundle.identity(),
             "backend": self.bundle.backend.name,
             "dtype": str(self.bundle.compute_dtype).replace("torch.", ""),
+            **({"cache_interval": self.bundle.cache_interval} if self.bundle.cache_interval > 1 else {}),
             "editsuite": __version__,
         }
 

@@ -1,0 +1,154 @@
+"""The fast PyTorch default: blocked attention equals diffusers' attention, the dtype auto picks, the fp16
+VAE guard and tiled VAE for large pictures. (Timing lives in bench/speed.py, not here.)"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import save_tiny, tiny_components
+
+import editsuite
+from editsuite import load_bundle
+from editsuite.bundle import speed, torch_backend
+from editsuite.bundle.loader import resolve_dtype
+from editsuite.bundle.torch_backend import TorchBackend
+
+
+def _sdpa(q, k, v, heads):
+    split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731
+    return F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).flatten(2)
+
+
+@pytest.mark.parametrize("batch,length,keys,heads,dim", [(2, 300, 300, 4, 16), (1, 77, 200, 1, 40), (2, 64, 64, 8, 8)])
+def test_blocked_attention_equals_sdpa(monkeypatch, batch, length, keys, heads, dim):
+    monkeypatch.setattr(speed, "BLOCK_SCORES", 64 * keys)  # blocks of 64 queries: the last one is shorter
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, length, heads * dim, generator=g)
+    k, v = (torch.randn(batch, keys, heads * dim, generator=g) for _ in range(2))
+    ref = _sdpa(q, k, v, heads)
+    torch.testing.assert_close(speed.blocked_attention(q, k, v, heads, dim ** -0.5), ref, atol=2e-5, rtol=1e-4)
+    low = speed.blocked_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), heads, dim ** -0.5)
+    assert low.dtype == torch.bfloat16 and (low.float() - ref).abs().max() < 0.05
+
+
+def test_processor_gives_diffusers_output_on_unet_and_vae(monkeypatch):
+    monkeypatch.setattr(speed, "MIN_BLOCKED_KEYS", 1)  # the tiny models' attention is short: block it all
+    calls = []
+    real = speed.blocked_attention
+    monkeypatch.setattr(speed, "blocked_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    c = tiny_components()
+    unet, vae = c["unet"].eval(), c["vae"].eval()
+    g = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    z = torch.randn(1, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        ref_unet, ref_vae = unet(x, 10, encoder_hidden_states=ctx).sample, vae.decode(z).sample
+        speed.use_blocked_attention(unet)
+        speed.use_blocked_attention(vae)
+        out_unet, out_vae = unet(x, 10, encoder_hidden_states=ctx).sample, vae.decode(z).sample
+    assert len(calls) >= 3  # UNet self-attention (down and up) and the VAE's mid-block attention
+    torch.testing.assert_close(out_unet, ref_unet, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out_vae, ref_vae, atol=1e-5, rtol=1e-4)
+
+
+def test_auto_dtype():
+    expect = torch.bfloat16 if speed.cpu_has_bf16() else torch.float32
+    assert resolve_dtype("auto", torch.device("cpu")) == expect
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
+
+
+def test_low_precision_bundle_keeps_the_loop_in_float32(tmp_path):
+    folder = save_tiny(tmp_path / "m")
+    fast, exact = load_bundle(folder, device="cpu", dtype="bfloat16"), load_bundle(folder, device="cpu", dtype="float32")
+    assert (fast.dtype, fast.compute_dtype) == (torch.float32, torch.bfloat16)
+    assert next(fast.backend.unet_model.parameters()).dtype == torch.bfloat16
+    assert isinstance(fast.backend.unet_model.down_blocks[0].attentions[0].transformer_blocks[0].attn1.processor,
+                      speed.BlockedAttention)
+    x = torch.randn(2, 4, 8, 8)
+    assert fast.backend.unet(x, torch.tensor(10), torch.randn(2, 77, 32)).dtype == torch.float32
+    a = editsuite.Txt2Img(fast).run("a red circle", steps=4, width=64, height=64, seed=3)
+    b = editsuite.Txt2Img(exact).run("a red circle", steps=4, width=64, height=64, seed=3)
+    assert a.metadata["dtype"] == "bfloat16" and b.metadata["dtype"] == "float32"
+    diff = np.abs(np.asarray(a.images[0], dtype=float) - np.asarray(b.images[0], dtype=float))
+    assert diff.mean() < 4  # same picture up to bf16 rounding (levels of 255)
+
+
+def _fp16_backend(scale: float) -> TorchBackend:
+    c = tiny_components()
+    backend = TorchBackend(c["text_encoder"], c["unet"], c["vae"], device=torch.device("cpu"), dtype=torch.float16)
+    with torch.no_grad():
+        backend.vae.decoder.conv_out.weight.mul_(scale)  # pushes the decoder's output past fp16's 65504
+        backend.vae.decoder.conv_out.bias.mul_(scale)
+    return backend
+
+
+def test_fp16_vae_overflow_falls_back_to_float32():
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    backend = _fp16_backend(1e6)
+    with torch.no_grad():
+        expect = backend.vae.float().decode(z).sample
+    backend.vae.half()
+    out = backend.vae_decode(z)
+    assert torch.isfinite(out).all() and out.abs().max() > 65504  # it really did overflow in fp16
+    assert backend.vae_dtype == torch.float32 and "float32" in backend.notice
+    torch.testing.assert_close(out, expect)
+    again = _fp16_backend(1.0)  # a VAE that does not overflow stays in fp16, without a notice
+    assert torch.isfinite(again.vae_decode(z)).all() and again.vae_dtype == torch.float16 and again.notice is None
+
+
+def test_large_pictures_go_through_the_tiled_vae(monkeypatch):
+    c = tiny_components()
+    backend = TorchBackend(c["text_encoder"], c["unet"], c["vae"], device=torch.device("cpu"), dtype=torch.float32)
+    tiled = []
+    for name in ("tiled_decode", "_tiled_encode"):
+        real = getattr(backend.vae, name)
+        monkeypatch.setattr(backend.vae, name, lambda *a, _real=real, _n=name, **k: tiled.append(_n) or _real(*a, **k))
+    g = torch.Generator().manual_seed(3)
+    small, big = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 24, 24, generator=g)
+    backend.vae_decode(small)
+    backend.vae_encode(torch.rand(1, 3, 64, 64) * 2 - 1)
+    assert tiled == []  # at or below the threshold: one piece, as diffusers does
+    monkeypatch.setattr(torch_backend, "TILE_ABOVE_PIXELS", 64 * 64)
+    pixels = backend.vae_decode(big)
+    moments = backend.vae_encode(pixels.clamp(-1, 1))
+    assert tiled == ["tiled_decode", "_tiled_encode"]
+    assert pixels.shape == (1, 3, 192, 192) and moments.shape == (1, 8, 24, 24)
+    assert torch.isfinite(pixels).all() and torch.isfinite(moments).all()
+
+
+@pytest.mark.parametrize("kind,prediction", [("base", "epsilon"), ("base", "v_prediction"), ("upscaler", "epsilon"),
+                                              ("inpainting", "epsilon")])
+def test_outer_level_on_the_kept_feature_equals_the_whole_unet(kind, prediction):
+    """Reusing the deep feature of the very same inputs must give the whole UNet's output: this checks that
+    the outer-level path embeds, skips and finishes exactly as UNet2DConditionModel.forward does."""
+    c = tiny_components(kind, prediction)
+    backend = TorchBackend(c["text_encoder"], c["unet"], c["vae"], device=torch.device("cpu"), dtype=torch.float32)
+    cfg = backend.unet_model.config
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, cfg.in_channels, 8, 8, generator=g)
+    ctx = torch.randn(2, 77, cfg.cross_attention_dim, generator=g)
+    labels = torch.tensor([20, 20]) if kind == "upscaler" else None
+    t = torch.tensor(321)
+    whole = backend.unet(x, t, ctx, class_labels=labels)
+    cache = backend.feature_cache()
+    torch.testing.assert_close(backend.unet(x, t, ctx, class_labels=labels, cache=cache), whole)  # full step
+    assert cache.feature is not None
+    cache.reuse = True
+    torch.testing.assert_close(backend.unet(x, t, ctx, class_labels=labels, cache=cache), whole, atol=1e-5, rtol=1e-4)
+    other = backend.unet(x, torch.tensor(900), ctx, class_labels=labels, cache=cache)  # a stale feature: differs
+    assert not torch.allclose(other, backend.unet(x, torch.tensor(900), ctx, class_labels=labels), atol=1e-4)
+
+
+def test_cache_interval_in_a_task(tmp_path, monkeypatch):
+    bundle = load_bundle(save_tiny(tmp_path / "m"), device="cpu", dtype="float32")
+    plain = editsuite.Txt2Img(bundle).run("a red circle", steps=6, width=64, height=64, seed=5)
+    outer = []
+    real = TorchBackend._outer_level
+    monkeypatch.setattr(TorchBackend, "_outer_level", lambda self, *a: outer.append(1) or real(self, *a))
+    bundle.cache_interval = 3
+    cached = editsuite.Txt2Img(bundle).run("a red circle", steps=6, width=64, height=64, seed=5)
+    assert len(outer) == 4  # steps 1, 2, 4, 5 reuse; 0 and 3 run the whole UNet
+    assert cached.metadata["cache_interval"] == 3 and "cache_interval" not in plain.metadata
+    a, b = (np.asarray(r.images[0], dtype=float) for r in (plain, cached))
+    assert 0 < np.abs(a - b).mean() < 40  # a different picture, not a broken one
