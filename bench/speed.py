@@ -33,6 +33,15 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "build" / "speed"
 PROMPT = "a red circle on a blue background"
 CONFIGS = ("diffusers-fp32", "diffusers-bf16", "editsuite")
+GPU_CONFIGS = ("diffusers-fp32", "diffusers-fp16", "editsuite")  # --device cuda: fp16 is diffusers' GPU habit
+DEVICE = "cpu"
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
 
 
 def _model_folder(name: str) -> Path:
@@ -52,10 +61,12 @@ def _model_folder(name: str) -> Path:
 
 def _median(fn, repeat: int) -> float:
     fn()  # warm-up
+    _sync()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -67,9 +78,9 @@ def _load(config: str, folder: Path, dtype: str):
     if config.startswith("diffusers"):
         from diffusers import StableDiffusionPipeline
 
-        weights = torch.bfloat16 if config == "diffusers-bf16" else torch.float32
+        weights = {"diffusers-bf16": torch.bfloat16, "diffusers-fp16": torch.float16}.get(config, torch.float32)
         pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=weights, safety_checker=None,
-                                                       requires_safety_checker=False)
+                                                       requires_safety_checker=False).to(DEVICE)
         pipe.set_progress_bar_config(disable=True)
 
         def generate(size, steps):
@@ -82,7 +93,7 @@ def _load(config: str, folder: Path, dtype: str):
                 weights, unet.config, pipe.vae_scale_factor, None)
     from editsuite import Txt2Img, load_bundle
 
-    bundle = load_bundle(folder, device="cpu", dtype=dtype)
+    bundle = load_bundle(folder, device=DEVICE, dtype=dtype)
     task = Txt2Img(bundle)
     b = bundle.backend
 
@@ -99,10 +110,10 @@ def micro(config: str, folder: Path, size: int, repeat: int, dtype: str) -> dict
     _, unet, encode, decode, dt, unet_config, factor, backend = _load(config, folder, dtype)
     torch.manual_seed(0)
     latent = size // factor
-    x = torch.randn(2, 4, latent, latent, dtype=dt)
-    ctx = torch.randn(2, 77, unet_config.cross_attention_dim, dtype=dt)
-    img = torch.rand(1, 3, size, size, dtype=dt) * 2 - 1
-    z = torch.randn(1, 4, latent, latent, dtype=dt)
+    x = torch.randn(2, 4, latent, latent, dtype=dt, device=DEVICE)
+    ctx = torch.randn(2, 77, unet_config.cross_attention_dim, dtype=dt, device=DEVICE)
+    img = torch.rand(1, 3, size, size, dtype=dt, device=DEVICE) * 2 - 1
+    z = torch.randn(1, 4, latent, latent, dtype=dt, device=DEVICE)
     t = torch.tensor(500)
     with torch.inference_mode():
         out = {
@@ -122,14 +133,21 @@ def txt2img(config: str, folder: Path, size: int, steps: int, dtype: str, model:
     t0 = time.perf_counter()
     generate = _load(config, folder, dtype)[0]
     loaded = time.perf_counter() - t0
+    generate(size, 2) if DEVICE == "cuda" else None  # GPU: one short warm-up run (kernels, allocator)
+    _sync()
     t0 = time.perf_counter()
     image = generate(size, steps)
+    _sync()
     seconds = time.perf_counter() - t0
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"{model}-{config}.png"
     image.save(path)
-    return {"txt2img": seconds, "load": loaded, "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "image": str(path)}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if DEVICE == "cuda":
+        import torch
+
+        peak = torch.cuda.max_memory_allocated() / 2**30  # on a GPU, the GPU's memory is the one that counts
+    return {"txt2img": seconds, "load": loaded, "peak_gib": peak, "image": str(path)}
 
 
 def big_vae(folder: Path, size: int, dtype: str) -> dict:
@@ -139,7 +157,7 @@ def big_vae(folder: Path, size: int, dtype: str) -> dict:
 
     from editsuite import load_bundle
 
-    backend = load_bundle(folder, device="cpu", dtype=dtype).backend
+    backend = load_bundle(folder, device=DEVICE, dtype=dtype).backend
     f = 2 ** (len(backend.vae.config.block_out_channels) - 1)
     z = torch.randn(1, 4, size // f, size // f, generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
@@ -149,6 +167,12 @@ def big_vae(folder: Path, size: int, dtype: str) -> dict:
     backend.vae_encode(pixels.clamp(-1, 1))
     return {"size": size, "decode": decode, "encode": time.perf_counter() - t0,
             "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name()
 
 
 def _child(*args: str) -> dict:
@@ -176,12 +200,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dtype", default="auto", help="editsuite's --dtype")
-    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda compares fp16 (peak = GPU memory)")
+    ap.add_argument("--configs", default=None, help="comma-separated subset of " + ", ".join(CONFIGS))
     ap.add_argument("--big-vae", type=int, metavar="SIZE", help="only: editsuite's VAE decode and encode of a "
                     "SIZE x SIZE picture (tiled), time and peak memory")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--what", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    configs = args.configs or ",".join(GPU_CONFIGS if DEVICE == "cuda" else CONFIGS)
     size = args.size or (512 if args.model == "sd15" else 64)
     folder = _model_folder(args.model)
     if args.big_vae:
@@ -193,16 +221,17 @@ def main() -> None:
         print(json.dumps(out))
         return
     rows = {}
-    for config in args.configs.split(","):
+    for config in configs.split(","):
         common = ["--one", config, "--model", args.model, "--size", str(size), "--steps", str(args.steps),
-                  "--repeat", str(args.repeat), "--dtype", args.dtype]
+                  "--repeat", str(args.repeat), "--dtype", args.dtype, "--device", DEVICE]
         rows[config] = {**_child(*common, "--what", "micro"), **_child(*common, "--what", "txt2img")}
         print(config, json.dumps(rows[config]), flush=True)
     ref = rows.get("diffusers-fp32")
     outer = rows.get("editsuite", {}).get("unet_outer_level")
     if outer:
         print(f"editsuite --cache-interval: a step between full ones (outer level only) {outer:.3g} s")
-    print(f"\n{platform.machine()}, {os.cpu_count()} cores, torch default threads; model {args.model}, "
+    where = "GPU " + _gpu_name() if DEVICE == "cuda" else f"{platform.machine()}, {os.cpu_count()} cores"
+    print(f"\n{where}, torch default threads; model {args.model}, "
           f"{size}x{size}, txt2img {args.steps} steps; editsuite --dtype {args.dtype}")
     print(f"| config | UNet step s | VAE encode s | VAE decode s | txt2img s | peak GiB | step x | decode x | "
           f"txt2img x | memory x | PSNR vs fp32 dB |")

@@ -119,6 +119,7 @@ class TorchBackend:
         """Run the VAE in its dtype; an fp16 VAE that overflows (SD's can) moves to float32 for good, with
         a notice, and the call is redone, so no black or NaN picture is ever returned."""
         tiled = pixels > TILE_ABOVE_PIXELS and pixels > _tile_pixels(self.vae)
+        speed.release_freed_memory()
         out = run(x.to(self.device, self.vae_dtype), tiled)
         if self.vae_dtype != torch.float32 and not torch.isfinite(out).all():
             self.vae = self.vae.to(torch.float32)
