@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import sys
 
@@ -112,12 +113,36 @@ def keep_freed_memory() -> None:
         return
     try:
         libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4  # from glibc's malloc.h
-        if libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 1 << 31):
-            libc.mallopt(m_mmap_threshold, 1 << 30)
+        if _set_malloc(libc, KEEP):
             _libc = libc
     except (OSError, AttributeError):  # musl or another libc
         return
+
+
+# glibc mallopt settings (from malloc.h: M_TRIM_THRESHOLD -1, M_MMAP_THRESHOLD -3, M_MMAP_MAX -4).
+KEEP = {-4: 0, -1: 1 << 31, -3: 1 << 30}  # every block from the heap, up to 2 GiB of freed memory kept
+PLAIN = {-4: 65536, -1: 128 << 10, -3: 128 << 10}  # glibc's defaults (without their dynamic threshold)
+
+
+def _set_malloc(libc, settings: dict) -> bool:
+    return all(libc.mallopt(k, v) for k, v in settings.items())
+
+
+@contextlib.contextmanager
+def plain_malloc():
+    """glibc's own behaviour for a while: for tiled VAE work over large pictures, whose many tiles would
+    otherwise leave a kept heap of odd-sized holes (measured: 4.6 GiB for a 2048x2048 decode and encode
+    with an SD 1.5 model loaded)."""
+    if _libc is None:
+        yield
+        return
+    _libc.malloc_trim(0)
+    _set_malloc(_libc, PLAIN)
+    try:
+        yield
+    finally:
+        _libc.malloc_trim(0)
+        _set_malloc(_libc, KEEP)
 
 
 def release_freed_memory() -> None:

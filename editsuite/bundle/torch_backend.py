@@ -11,6 +11,8 @@ knows which one runs:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from editsuite.bundle import speed
@@ -120,12 +122,13 @@ class TorchBackend:
         a notice, and the call is redone, so no black or NaN picture is ever returned."""
         tiled = pixels > TILE_ABOVE_PIXELS and pixels > _tile_pixels(self.vae)
         speed.release_freed_memory()
-        out = run(x.to(self.device, self.vae_dtype), tiled)
-        if self.vae_dtype != torch.float32 and not torch.isfinite(out).all():
-            self.vae = self.vae.to(torch.float32)
-            self.vae_dtype = torch.float32
-            self.notice = "the VAE overflowed in float16; it runs in float32 from now on (slower, same picture)"
-            out = run(x.to(self.device, torch.float32), tiled)
+        with speed.plain_malloc() if tiled else contextlib.nullcontext():
+            out = run(x.to(self.device, self.vae_dtype), tiled)
+            if self.vae_dtype != torch.float32 and not torch.isfinite(out).all():
+                self.vae = self.vae.to(torch.float32)
+                self.vae_dtype = torch.float32
+                self.notice = "the VAE overflowed in float16; it runs in float32 from now on (slower, same picture)"
+                out = run(x.to(self.device, torch.float32), tiled)
         return out.float()
 
 
