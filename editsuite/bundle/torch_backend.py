@@ -125,9 +125,10 @@ class TorchBackend:
         with speed.plain_malloc() if tiled else contextlib.nullcontext():
             out = run(x.to(self.device, self.vae_dtype), tiled)
             if self.vae_dtype != torch.float32 and not torch.isfinite(out).all():
+                low = str(self.vae_dtype).replace("torch.", "")
                 self.vae = self.vae.to(torch.float32)
                 self.vae_dtype = torch.float32
-                self.notice = "the VAE overflowed in float16; it runs in float32 from now on (slower, same picture)"
+                self.notice = f"the VAE overflowed in {low}; it runs in float32 from now on (slower, same picture)"
                 out = run(x.to(self.device, torch.float32), tiled)
         return out.float()
 
