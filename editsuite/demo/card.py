@@ -11,10 +11,13 @@ from editsuite.demo import ROOT
 from editsuite.demo.scenes import __doc__ as GRAMMAR
 
 ROLE = {
-    "base": "4-channel UNet (epsilon prediction): txt2img, img2img, outpaint, tiled upscale, 4-channel inpaint.",
+    "base": "4-channel UNet (epsilon prediction, 16x16 latents from a factor-4 VAE): txt2img, img2img, outpaint, "
+            "tiled upscale, 4-channel inpaint.",
     "inpainting": "9-channel UNet (latents + mask + masked-image latents), started from the base UNet.",
-    "upscaler": "x4 upscaler: 7-channel UNet (latents + noised low-res image, class_labels = noise level), "
-                "v-prediction, VAE factor 4 with scaling 0.08333. Trained without prompts: its prompt is ignored.",
+    "upscaler": "x4 upscaler: 7-channel convolutional UNet (latents + noised low-res image, class_labels = noise "
+                "level), "
+                "v-prediction, the family's VAE with its latents rescaled to 0.08333. Trained without prompts: "
+                "its prompt is ignored.",
 }
 
 
@@ -22,7 +25,7 @@ def folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def card(name: str, times: dict, scores: dict, total_mb: float) -> str:
+def card(name: str, times: dict, scores: dict, total_mb: float, note: str = "") -> str:
     minutes = round(times.get("total", 0) / 60)
     lines = [
         f"# editsuite demo model: {name}",
@@ -43,8 +46,9 @@ def card(name: str, times: dict, scores: dict, total_mb: float) -> str:
         "`python -m editsuite.demo.card`.",
         f"Training time of the whole family on a 2-core CPU: {minutes} minutes "
         f"({', '.join(f'{k} {round(v / 60)} min' for k, v in times.items() if k != 'total')}).",
-        f"Size of the whole family (three folders, fp16 safetensors): {total_mb:.1f} MiB.",
-    ]
+        f"Size of the whole family (three folders, fp16 safetensors): {total_mb:.1f} MiB "
+        f"({total_mb * 2**20 / 1e6:.1f} MB).",
+    ] + ([note] if note else [])
     if scores:
         lines += ["", "## Scores (`python -m editsuite.demo.score`)", "```", json.dumps(scores, indent=2), "```"]
     return "\n".join(lines) + "\n"
@@ -54,6 +58,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--work", type=Path, default=Path("build/demo-train"), help="where train.py left times-*.json")
     ap.add_argument("--scores", type=Path, default=None)
+    ap.add_argument("--note", default="", help="a line added under the training time (how it was measured)")
     args = ap.parse_args(argv)
     times: dict = {}
     for f in sorted(args.work.glob("times-*.json")):  # one file per `--stage` run, or one for `all`
@@ -63,7 +68,7 @@ def main(argv=None) -> None:
     folders = [ROOT / n for n in ROLE]
     total_mb = sum(folder_size(f) for f in folders) / 2**20
     for f in folders:
-        (f / "README.md").write_text(card(f.name, times, scores, total_mb))
+        (f / "README.md").write_text(card(f.name, times, scores, total_mb, args.note))
         print(f"wrote {f / 'README.md'}")
 
 

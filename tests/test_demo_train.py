@@ -1,0 +1,23 @@
+"""The demo family's training script, end to end at a tiny scale: every stage runs, the three folders it
+exports load as their kinds and run their tasks. (Training quality is the scorer's business, not a test's.)"""
+
+import pytest
+
+import editsuite
+from editsuite import ModelKind, load_bundle
+from editsuite.demo import FOLDERS
+from editsuite.demo.train import main as train
+
+
+@pytest.mark.slow
+def test_all_stages_at_a_tiny_scale(tmp_path):
+    train(["--work", str(tmp_path / "work"), "--dest", str(tmp_path / "out"), "--scale", "0.002"])
+    times = (tmp_path / "work" / "times-all.json").read_text()
+    assert all(stage in times for stage in ("vae", "vaetune", "base", "inpaint", "upvae", "upscaler", "export"))
+    bundles = {kind: load_bundle(tmp_path / "out" / FOLDERS[kind], device="cpu") for kind in ModelKind}
+    assert all(b.kind is kind for kind, b in bundles.items())
+    assert bundles[ModelKind.BASE].manifest.native_resolution == 64
+    out = editsuite.Txt2Img(bundles[ModelKind.BASE]).run("a red circle on a blue background", steps=2, seed=0)
+    assert out.images[0].size == (64, 64)
+    up = editsuite.Upscale(bundles[ModelKind.UPSCALER]).run(out.images[0].resize((16, 16)), steps=2, seed=0)
+    assert up.images[0].size == (64, 64)
