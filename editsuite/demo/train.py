@@ -380,6 +380,8 @@ class Trainer:
             return to_tensor(self.renders(b if big else 4 * b, 2 * RES if big else RES)[1])
 
         vae = train_vae(vae, self.n(300), 8, pictures, "upvae", lr=2e-4)
+        # diffusers' upscale pipeline fixes the latent scaling at 0.08333: rescale the latent space to match,
+        # exactly, by scaling the posterior's mean (and variance) in quant_conv and undoing it in post_quant_conv
         lat = encode_moments(vae, self.renders(256, 2 * RES)[1])
         std = sample_latents(lat, 1.0).std().item()
         k = (1 / 0.08333) / std
