@@ -256,7 +256,7 @@ class Trainer:
 
     def both(self, b: int) -> np.ndarray:
         """64x64 pictures: half whole renders (base models), half crops of 128x128 renders (upscaler)."""
-        return np.concatenate([self.renders(b // 2)[1], self.hi_crops(b - b // 2)[0]])
+        return np.concatenate([self.renders(b // 2)[1], self.hi_crops(b - b // 2)])
 
     def vae(self):
         """One VAE for the family: the upscaler's high-resolution crops and the base pictures alike."""
@@ -394,18 +394,13 @@ class Trainer:
         log(f"upvae latent std {std:.4f} rescaled by {k:.3f}")
         vae.save_pretrained(self.work / "upvae")
 
-    def hi_crops(self, n: int):
-        """64x64 crops of 128x128 renders, and their 16x16 area-downsampled low-res versions."""
-        import cv2
-
-        hi, lo = [], []
+    def hi_crops(self, n: int) -> np.ndarray:
+        """64x64 crops of 128x128 renders (objects at the scale the upscaler makes them)."""
+        out = []
         for s in scenes(n, self.rng, self.banned):
-            img = render(s, 2 * RES)
             x, y = self.rng.integers(0, RES // 4 + 1, 2) * 4
-            crop = img[y:y + RES, x:x + RES]
-            hi.append(crop)
-            lo.append(cv2.resize(crop, (RES // 4, RES // 4), interpolation=cv2.INTER_AREA))
-        return np.stack(hi), np.stack(lo)
+            out.append(render(s, 2 * RES)[y:y + RES, x:x + RES])
+        return np.stack(out)
 
     def pairs(self, n: int, size: int):
         """Whole size x size renders and the size/4 renders of the same scenes (what `score` upscales)."""
