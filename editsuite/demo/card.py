@@ -15,9 +15,8 @@ ROLE = {
             "tiled upscale, 4-channel inpaint.",
     "inpainting": "9-channel UNet (latents + mask + masked-image latents), started from the base UNet.",
     "upscaler": "x4 upscaler: 7-channel convolutional UNet (latents + noised low-res image, class_labels = noise "
-                "level), "
-                "v-prediction, the family's VAE with its latents rescaled to 0.08333. Trained without prompts: "
-                "its prompt is ignored.",
+                "level), v-prediction; the family's VAE without mid-block attention, tuned on whole 128 px "
+                "pictures, its latents rescaled to 0.08333. Trained without prompts: its prompt is ignored.",
 }
 
 

@@ -164,9 +164,9 @@ def make_upscaler_text_encoder() -> CLIPTextModel:
 
 def make_unet(in_channels: int, *, upscaler: bool = False) -> UNet2DConditionModel:
     if upscaler:
-        # Convolutions only (no attention, not even in the mid block): it is trained on 64 px crops and runs on
-        # whole pictures of any size; self-attention over a different number of tokens than in training made
-        # an attention version 7 dB worse at 32 -> 128 px than at the 16 -> 64 px it was trained at.
+        # Convolutions only (no attention, not even in the mid block): the prompt is always "", and a
+        # convolutional UNet does the same work at any picture size. (The 7 dB an earlier upscaler lost at
+        # 32 -> 128 px was its VAE's decode of whole 128 px pictures; see `upvae`.)
         return UNet2DConditionModel(
             sample_size=LAT, in_channels=in_channels, out_channels=4, block_out_channels=(64, 96),
             layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
