@@ -13,7 +13,7 @@ from editsuite.demo.train import main as train
 def test_all_stages_at_a_tiny_scale(tmp_path):
     train(["--work", str(tmp_path / "work"), "--dest", str(tmp_path / "out"), "--scale", "0.002"])
     times = (tmp_path / "work" / "times-all.json").read_text()
-    assert all(stage in times for stage in ("vae", "vaetune", "base", "inpaint", "upvae", "upscaler", "export"))
+    assert all(stage in times for stage in ("vae", "vaetune", "base", "inpaint", "upvae", "upscaler", "updecoder", "export"))
     bundles = {kind: load_bundle(tmp_path / "out" / FOLDERS[kind], device="cpu") for kind in ModelKind}
     assert all(b.kind is kind for kind, b in bundles.items())
     assert bundles[ModelKind.BASE].manifest.native_resolution == 64
@@ -21,3 +21,20 @@ def test_all_stages_at_a_tiny_scale(tmp_path):
     assert out.images[0].size == (64, 64)
     up = editsuite.Upscale(bundles[ModelKind.UPSCALER]).run(out.images[0].resize((16, 16)), steps=2, seed=0)
     assert up.images[0].size == (64, 64)
+
+
+def test_decoder_only_tuning_keeps_the_latent_space():
+    """The upscaler's decoder is tuned after its UNet learnt the latents: the encoder must not move."""
+    import torch
+
+    from editsuite.demo.train import make_vae, train_vae
+
+    torch.manual_seed(0)
+    vae = make_vae((16, 32))
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    tuned = train_vae(vae, 2, 2, lambda b: torch.rand(b, 3, 16, 16) * 2 - 1, "test", lr=1e-2, decoder_only=True)
+    after = tuned.state_dict()
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    moved = [k for k in before if k.startswith(("decoder.", "post_quant_conv.")) and not torch.equal(before[k], after[k])]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert moved

@@ -16,7 +16,8 @@ ROLE = {
     "inpainting": "9-channel UNet (latents + mask + masked-image latents), started from the base UNet.",
     "upscaler": "x4 upscaler: 7-channel convolutional UNet (latents + noised low-res image, class_labels = noise "
                 "level), v-prediction; the family's VAE without mid-block attention, tuned on whole 128 px "
-                "pictures, its latents rescaled to 0.08333. Trained without prompts: its prompt is ignored.",
+                "pictures, its latents rescaled to 0.08333, and its decoder then tuned (encoder frozen) on the latents "
+                "the upscaler's UNet makes. Trained without prompts: its prompt is ignored.",
 }
 
 
