@@ -40,3 +40,27 @@ def test_decoder_only_tuning_keeps_the_latent_space():
     moved = [k for k in decoder if not torch.equal(before[k], after[k])]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
     assert moved
+
+
+def test_bf16_training_runs_the_unet_in_bfloat16_and_keeps_float32_weights():
+    """The upscaler trains under bfloat16 autocast: its convolutions must see bf16, its weights stay float32."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from editsuite.demo.train import UP_BETAS, make_unet, make_upscaler_text_encoder, train_unet
+
+    torch.manual_seed(0)
+    unet, te = make_unet(7, upscaler=True), make_upscaler_text_encoder()
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    seen = []
+    unet.conv_in.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+
+    def batch(b):
+        return torch.randn(b, 4, 8, 8), torch.zeros(b, 77, dtype=torch.long), torch.randn(b, 3, 8, 8), \
+            torch.randint(0, 350, (b,))
+
+    ema, _ = train_unet(unet, te, steps=2, batch=2, make_batch=batch, name="test", lr=1e-3, train_text=False,
+                        sched=DDPMScheduler(**UP_BETAS, prediction_type="v_prediction"), bf16=True)
+    assert seen == [torch.bfloat16] * 2
+    assert all(p.dtype == torch.float32 for p in unet.parameters())
+    assert any(not torch.equal(before[k], v) for k, v in ema.state_dict().items())
