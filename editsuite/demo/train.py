@@ -51,7 +51,7 @@ DEVICE = torch.device("cpu")  # --device: where the models train; data and rando
 
 BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 UP_BETAS = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear", num_train_timesteps=1000)
-# The base (and the inpainting) trains on 60 % two-object scenes (the grammar's own mix, and the evaluation's,
+# The base and the inpainting train on 60 % two-object scenes (the grammar's own mix, and the evaluation's,
 # is 40 %): with 40 %, 119 of the 129 objects the base got wrong on the held-out prompts were in two-object
 # scenes. Measured, same steps: shape 83.6 -> 88.2 %, object colour 90.8 -> 94.8 %, background 99.5 -> 96.2 %.
 BASE_TWO_OBJECTS = 0.6
@@ -210,7 +210,7 @@ def train_unet(unet, text_encoder, *, steps: int, batch: int, make_batch, sched,
     mask_weight: for inpainting (extra channel 0 = the mask), the loss inside the mask counts 1 + mask_weight
     times as much as outside. bf16: forward and backward under bfloat16 autocast (weights, optimiser and loss
     stay float32); it pays on a CPU with AVX512-BF16 for the convolutional upscaler (measured in `upscaler`).
-    fused: PyTorch's fused AdamW kernel, the same update in one pass (the upscaler's step: 10 ms -> 2 ms on this
+    fused: PyTorch's fused AdamW kernel, the same update in one pass (the upscaler's optimiser step: 10 ms -> 2 ms on this
     CPU); the base and inpainting keep the default loop, so their shipped weights reproduce as they were trained."""
     unet.to(DEVICE)
     text_encoder.to(DEVICE)
