@@ -210,8 +210,8 @@ def train_unet(unet, text_encoder, *, steps: int, batch: int, make_batch, sched,
     mask_weight: for inpainting (extra channel 0 = the mask), the loss inside the mask counts 1 + mask_weight
     times as much as outside. bf16: forward and backward under bfloat16 autocast (weights, optimiser and loss
     stay float32); it pays on a CPU with AVX512-BF16 for the convolutional upscaler (measured in `upscaler`).
-    fused: PyTorch's fused AdamW kernel, the same update in one pass (the upscaler's optimiser step: 10 ms -> 2 ms on this
-    CPU); the base and inpainting keep the default loop, so their shipped weights reproduce as they were trained."""
+    fused: PyTorch's fused AdamW kernel, the same update in one pass (the upscaler's optimiser step: 10 ms -> 2 ms
+    on this CPU); the base and inpainting keep the default loop, so their shipped weights reproduce as trained."""
     unet.to(DEVICE)
     text_encoder.to(DEVICE)
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
