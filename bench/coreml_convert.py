@@ -23,8 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "editsuite" / "configs" / "sd-v1"
-MODULES = {"text_encoder": ["TextEncoder"], "unet": ["Unet"], "vae_encoder": ["VAEEncoder"],
-           "vae_decoder": ["VAEDecoder"]}
+MODULES = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 
 
 def make_model(folder: Path) -> None:
@@ -46,6 +45,7 @@ def make_model(folder: Path) -> None:
 
 def one(args) -> None:
     """Child process: convert one module at one bit width, print a JSON line."""
+    from editsuite.bundle.coreml_layout import SWIFT_NAMES, find_models
     from editsuite.bundle.mil_executor import load_program
     from editsuite.convert.coreml import convert, parse_resolution
 
@@ -57,13 +57,14 @@ def one(args) -> None:
     seconds = time.time() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     manifest = json.loads((out / "coreml-manifest.json").read_text())
-    for name in MODULES[args.one]:
-        program = load_program(out / f"{name}.mlpackage")
+    paths = find_models(out).paths
+    for name in (["unet_chunk1", "unet_chunk2"] if args.one == "unet" and "unet_chunk1" in paths else [args.one]):
+        program = load_program(paths[name])
         ops = sum(1 for op in program.functions["main"].operations
                   if op.op_type != "const" and not op.op_type.startswith("constexpr_"))
-        print(json.dumps({"module": name, "bits": args.bits, "seconds": round(seconds, 1), "peak_gib": round(peak, 2),
-                          "ops": ops, "size_mib": round(manifest["packages"][name]["size_bytes"] / 2**20, 1)}),
-              flush=True)
+        print(json.dumps({"module": SWIFT_NAMES[name], "bits": args.bits, "attention": args.attention,
+                          "seconds": round(seconds, 1), "peak_gib": round(peak, 2), "ops": ops,
+                          "size_mib": round(manifest["packages"][name]["size_bytes"] / 2**20, 1)}), flush=True)
 
 
 def main() -> None:
@@ -73,6 +74,7 @@ def main() -> None:
     ap.add_argument("--resolution", nargs="+", default=["512x512"])
     ap.add_argument("--attention", default="split-einsum")
     ap.add_argument("--modules", nargs="+", default=list(MODULES))
+    ap.add_argument("--tag", default="", help="a suffix for the output folders (to keep runs apart)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -87,7 +89,7 @@ def main() -> None:
     rows = []
     for bits in args.bits:
         for module in args.modules:
-            out = args.work / f"coreml-{bits}bit"
+            out = args.work / f"coreml-{bits}bit-{args.attention}{args.tag}"
             cmd = [sys.executable, __file__, "--one", module, "--bits", str(bits), "--model", str(model),
                    "--out", str(out), "--attention", args.attention, "--resolution", *args.resolution]
             env = dict(os.environ, TQDM_DISABLE="1")

@@ -5,6 +5,8 @@ chunking, several resolutions, and the five tasks end to end on the Core ML back
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +14,11 @@ import torch
 
 pytest.importorskip("coremltools")
 
+from coreml_checks import EDITS, StandIn, apple_contract_problems, photo_and_mask, psnr  # noqa: E402
 from tiny import save_tiny  # noqa: E402
 
-from editsuite import Img2Img, Inpaint, Outpaint, Txt2Img, Upscale, load_bundle  # noqa: E402
+from editsuite import Txt2Img, load_bundle  # noqa: E402
+from editsuite.bundle.coreml_layout import find_models  # noqa: E402
 from editsuite.bundle.mil_executor import Program  # noqa: E402
 from editsuite.convert.coreml import convert  # noqa: E402
 from editsuite.convert.verify import THRESHOLD_DB, verify  # noqa: E402
@@ -48,16 +52,11 @@ def bundles(sources, tmp_path_factory):
     return {name: convert(sources[name], root / name, **settings[name]) for name in KINDS}
 
 
-def _psnr(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(10 * np.log10(255.0**2 / max(np.mean((a - b) ** 2), 1e-10)))
-
-
 @pytest.mark.parametrize("name", list(KINDS))
 def test_every_package_verifies(bundles, name):
     checks = verify(bundles[name])
-    expected = 4 if name != "sd1" else 4  # the chunked UNet is checked as one chained module
-    assert len(checks) == expected
+    unet = "UnetChunk1+UnetChunk2" if name == "sd1" else "Unet"  # the chunked UNet is checked chained
+    assert {c.module for c in checks} == {"TextEncoder", "VAEEncoder", "VAEDecoder", unet}
     for c in checks:
         print(f"{name} {c.module}: {c.psnr_db:.1f} dB at {', '.join(c.resolutions)}")
         assert c.psnr_db >= THRESHOLD_DB, (c.module, c.psnr_db)
@@ -72,7 +71,7 @@ def test_unet_of_each_kind_and_variant(sources, tmp_path, name, variant, monkeyp
     out = convert(sources[name], tmp_path / "b", attention=variant, components=["unet"])
     (check,) = verify(out)
     assert check.psnr_db >= THRESHOLD_DB, check.psnr_db
-    program = Program(out / "Unet.mlpackage")
+    program = Program(find_models(out).paths["unet"])
     if variant != "original":  # the Neural Engine layout: no linear op, nothing above rank 4
         print(f"{name}/{variant} UNet ops: {program.op_histogram()}")
         assert "linear" not in program.op_histogram()
@@ -80,45 +79,47 @@ def test_unet_of_each_kind_and_variant(sources, tmp_path, name, variant, monkeyp
         assert "einsum" in program.op_histogram()
 
 
-def test_manifest_describes_the_bundle(bundles):
+def test_manifest_describes_the_bundle(bundles, sources):
     data = json.loads((bundles["sd1"] / "coreml-manifest.json").read_text())
     assert data["model"]["kind"] == "base" and data["model"]["model_hash"]
     assert data["settings"] == {"resolutions": [[64, 64], [64, 96]], "attention": "split-einsum",
-                                "quantize_bits": None, "chunk_unet": True}
-    assert set(data["packages"]) == {"TextEncoder", "UnetChunk1", "UnetChunk2", "VAEEncoder", "VAEDecoder"}
-    sample = data["packages"]["UnetChunk1"]["inputs"]["sample"]
+                                "quantize_bits": None, "chunk_unet": True, "model_version": "sd1"}
+    assert set(data["packages"]) == {"text_encoder", "unet_chunk1", "unet_chunk2", "vae_encoder", "vae_decoder"}
+    assert data["packages"]["unet_chunk1"]["file"] == "Stable_Diffusion_version_sd1_unet_chunk1.mlpackage"
+    assert data["model"]["source"] == str(sources["sd1"].resolve())  # absolute: verify works from any folder
+    sample = data["packages"]["unet_chunk1"]["inputs"]["sample"]
     assert sample["shapes"] == [[2, 4, 8, 8], [2, 4, 12, 8]]
     for name in ("tokenizer", "scheduler"):
         assert (bundles["sd1"] / name).is_dir()
     import coremltools as ct
 
-    spec = ct.utils.load_spec(str(bundles["sd1"] / "UnetChunk1.mlpackage"))
+    spec = ct.utils.load_spec(str(find_models(bundles["sd1"]).paths["unet_chunk1"]))
     assert all(i.shortDescription for i in spec.description.input)
     assert all(o.shortDescription for o in spec.description.output)
 
 
 def test_chunks_hold_about_half_the_weights_each(bundles):
     data = json.loads((bundles["sd1"] / "coreml-manifest.json").read_text())
-    a, b = (data["packages"][n]["size_bytes"] for n in ("UnetChunk1", "UnetChunk2"))
+    a, b = (data["packages"][n]["size_bytes"] for n in ("unet_chunk1", "unet_chunk2"))
     assert 0.2 < a / (a + b) < 0.8
 
 
 def test_int8_weights_are_compressed_and_the_token_table_is_not(bundles, sources, tmp_path):
     plain = convert(sources["upscaler"], tmp_path / "plain", resolutions=[(64, 64)], components=["unet", "text_encoder"])
     sizes = {}
-    for name in ("Unet", "TextEncoder"):
+    for name in ("unet", "text_encoder"):
         sizes[name] = [json.loads((d / "coreml-manifest.json").read_text())["packages"][name]["size_bytes"]
                        for d in (plain, bundles["upscaler"])]
-    assert sizes["Unet"][1] < 0.7 * sizes["Unet"][0]
-    te = Program(bundles["upscaler"] / "TextEncoder.mlpackage")
+    assert sizes["unet"][1] < 0.7 * sizes["unet"][0]
+    te_path = find_models(bundles["upscaler"]).paths["text_encoder"]
+    te = Program(te_path)
     table = max(te.consts.values(), key=lambda v: v.numel() if isinstance(v, torch.Tensor) else 0)
     assert table.shape[0] == 49408  # the embedding table, expanded: stored fp16, not quantized
     import coremltools as ct
     from coremltools.converters.mil.frontend.milproto.load import load
 
-    spec = ct.utils.load_spec(str(bundles["upscaler"] / "TextEncoder.mlpackage"))
-    prog = load(spec, spec.specificationVersion,
-                file_weights_dir=str(bundles["upscaler"] / "TextEncoder.mlpackage/Data/com.apple.CoreML/weights"))
+    spec = ct.utils.load_spec(str(te_path))
+    prog = load(spec, spec.specificationVersion, file_weights_dir=str(te_path / "Data/com.apple.CoreML/weights"))
     gathers = [o for o in prog.functions["main"].operations if o.op_type == "gather"]
     assert gathers and all(g.inputs["x"].op.op_type == "const" for g in gathers)
 
@@ -134,11 +135,11 @@ def test_palettized_unet_runs_in_the_executor(sources, tmp_path, bits):
 def test_rerun_skips_finished_packages_and_refuses_other_settings(sources, tmp_path):
     said = []
     out = convert(sources["sd1"], tmp_path / "b", components=["text_encoder"], progress=said.append)
-    assert (out / "TextEncoder.mlpackage").is_dir() and not (out / "Unet.mlpackage").exists()
+    assert set(find_models(out).paths) == {"text_encoder"}
     said.clear()
     convert(sources["sd1"], out, components=["text_encoder", "vae_decoder"], progress=said.append)
     assert "TextEncoder: already converted, skipped" in said
-    assert (out / "VAEDecoder.mlpackage").is_dir()
+    assert set(find_models(out).paths) == {"text_encoder", "vae_decoder"}
     with pytest.raises(UserError, match="other settings"):
         convert(sources["sd1"], out, attention="original")
     assert not list(out.glob(".partial-*"))
@@ -150,45 +151,91 @@ def test_unlisted_size_names_the_converted_sizes(bundles):
         Txt2Img(bundle).run("a red circle", steps=2, seed=0, width=96, height=96)
 
 
-@pytest.fixture(scope="module")
-def photo_and_mask():
-    rng = np.random.default_rng(0)
-    import PIL.Image
-
-    photo = PIL.Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
-    mask = np.zeros((64, 64), np.uint8)
-    mask[16:48, 16:48] = 255
-    return photo, PIL.Image.fromarray(mask)
-
-
 def _pair(bundles, sources, name):
     return (load_bundle(bundles[name]), load_bundle(sources[name], backend="torch", device="cpu", dtype="float32"))
 
 
-def test_five_tasks_on_the_coreml_backend_match_torch(bundles, sources, photo_and_mask):
-    photo, mask = photo_and_mask
-    small = photo.resize((16, 16))
-    base_c, base_t = _pair(bundles, sources, "sd1")
-    inp_c, inp_t = _pair(bundles, sources, "inpainting")
-    up_c, up_t = _pair(bundles, sources, "upscaler")
-    assert base_c.backend.name == "coreml" and base_c.notice  # off macOS: the reference executor, said once
-    runs = {
-        "txt2img": lambda b: Txt2Img(b).run("a red circle", steps=4, seed=3),
-        "txt2img 64x96": lambda b: Txt2Img(b).run("a red circle", steps=4, seed=3, width=64, height=96),
-        "img2img": lambda b: Img2Img(b).run(photo, "a red circle", steps=4, seed=3, strength=0.6),
-        "outpaint": lambda b: Outpaint(b).run(photo.crop((0, 0, 64, 32)), "a red circle", steps=4, seed=3, bottom=32),
-        "inpaint": lambda b: Inpaint(b).run(photo, mask, "a red circle", steps=4, seed=3),
-        "upscale": lambda b: Upscale(b).run(small, steps=4, seed=3),
-    }
-    pairs = {"txt2img": (base_c, base_t), "txt2img 64x96": (base_c, base_t), "img2img": (base_c, base_t),
-             "outpaint": (base_c, base_t), "inpaint": (inp_c, inp_t), "upscale": (up_c, up_t)}
-    for task, run in runs.items():
-        coreml, torch_ = pairs[task]
-        a, b = run(coreml).images[0], run(torch_).images[0]
+def test_five_tasks_on_the_coreml_backend_match_torch(bundles, sources):
+    photo, mask = photo_and_mask()
+    base, inpainting, upscaler = (_pair(bundles, sources, n) for n in ("sd1", "inpainting", "upscaler"))
+    assert base[0].backend.name == "coreml" and base[0].notice  # off macOS: the reference executor, said once
+    pairs = {"txt2img": base, "txt2img 64x96": base, "img2img": base, "outpaint": base, "inpaint": inpainting,
+             "upscale": upscaler}
+    for task, (coreml, torch_) in pairs.items():
+        a, b = (EDITS[task](bundle, photo, mask).images[0] for bundle in (coreml, torch_))
         assert a.size == b.size
-        score = _psnr(a, b)
+        score = psnr(a, b)
         print(f"{task}: Core ML backend vs torch {score:.1f} dB")
         assert score >= 30, (task, score)
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+def test_converted_bundle_keeps_apples_contract(bundles, sources, name):
+    """Names, dtypes and shapes Apple's pipelines require, read from the specs; vocab.json and merges.txt at the
+    root that tokenize as the source's tokenizer does; the model's numbers in each package's metadata."""
+    from transformers import CLIPTokenizer
+
+    assert apple_contract_problems(bundles[name], upscaler=name == "upscaler") == []
+    source = load_bundle(sources[name], backend="torch", device="cpu", dtype="float32")
+    apple_tok = CLIPTokenizer.from_pretrained(bundles[name], model_max_length=77)  # reads vocab.json + merges.txt
+    for text in ("a red circle on a blue background", "Ünïcode, punctuation!? and   spaces", ""):
+        assert apple_tok(text).input_ids == source.tokenizer(text).input_ids, text
+    import coremltools as ct
+
+    for path in find_models(bundles[name]).paths.values():
+        meta = ct.utils.load_spec(str(path)).description.metadata.userDefined
+        assert meta["com.github.editsuite.model_kind"] == source.kind.value
+        assert meta["com.github.editsuite.prediction_type"] == source.manifest.prediction_type
+        assert float(meta["com.github.editsuite.latent_scale"]) == source.manifest.scaling_factor
+        assert int(meta["com.github.editsuite.vae_scale_factor"]) == source.manifest.vae_scale_factor
+
+
+@pytest.mark.parametrize("name", ["sd1", "inpainting", "upscaler"])
+def test_backend_feeds_exactly_what_each_converted_model_describes(bundles, name):
+    """A stand-in for Core ML's MLModel checks every array the backend gives predict against the spec."""
+    from editsuite.bundle.coreml_backend import load_coreml_bundle
+
+    StandIn.fed.clear()
+    bundle = load_coreml_bundle(bundles[name], use_coreml=True, runtime=StandIn)
+    photo, mask = photo_and_mask()
+    edits = {"sd1": ["txt2img", "txt2img 64x96", "img2img"], "inpainting": ["inpaint"], "upscaler": ["upscale"]}
+    for edit in edits[name]:
+        EDITS[edit](bundle, photo, mask)
+    # every model the edits use: chunks and both VAEs for sd1; the x4 upscaler needs no VAE encoder
+    assert len({n for n, _ in StandIn.fed}) == {"sd1": 5, "inpainting": 4, "upscaler": 3}[name]
+    if name == "sd1":  # both converted sizes went through the enumerated shapes
+        assert {shape for n, arrays in StandIn.fed if n.endswith("_vae_decoder.mlpackage")
+                for _, shape in arrays.values()} == {(1, 4, 8, 8), (1, 4, 12, 8)}
+
+
+def test_compile_needs_macos_and_writes_swift_resources(sources, bundles, tmp_path, monkeypatch, capsys):
+    """Off macOS --compile is a one-line error; on macOS (coremlcompiler stood in for) Resources/ holds
+    what Apple's Swift CLI and Mochi Diffusion open."""
+    import subprocess
+
+    import editsuite.convert.coreml as conv
+    from editsuite.cli.app import main
+
+    assert main(["convert", str(sources["sd1"]), "-o", str(tmp_path / "c"), "--compile", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--compile needs macOS" in err[0] and not (tmp_path / "c").exists()
+
+    calls = []
+
+    def fake_xcrun(cmd, **kw):  # what coremlcompiler does: <out>/<package stem>.mlmodelc
+        calls.append(cmd)
+        (Path(cmd[4]) / f"{Path(cmd[3]).stem}.mlmodelc").mkdir()
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(conv, "on_macos", lambda: True)
+    monkeypatch.setattr(subprocess, "run", fake_xcrun)
+    out = tmp_path / "mac"
+    shutil.copytree(bundles["sd1"], out)
+    conv.convert(sources["sd1"], out, resolutions=[(64, 64), (64, 96)], chunk_unet=True, compile=True)
+    assert all(c[:3] == ["xcrun", "coremlcompiler", "compile"] for c in calls) and len(calls) == 5
+    assert sorted(p.name for p in (out / "Resources").iterdir()) == [
+        "TextEncoder.mlmodelc", "UnetChunk1.mlmodelc", "UnetChunk2.mlmodelc", "VAEDecoder.mlmodelc",
+        "VAEEncoder.mlmodelc", "merges.txt", "vocab.json"]
 
 
 def test_cli_convert_verify_and_bad_options(sources, tmp_path, capsys):
@@ -208,4 +255,4 @@ def test_cli_convert_verify_and_bad_options(sources, tmp_path, capsys):
         assert len(err) == 1 and message in err[0], err
         assert not (tmp_path / "bad").exists()
     assert main(["verify", str(tmp_path)]) == 2
-    assert "not a converted Core ML bundle" in capsys.readouterr().err
+    assert "is not a Core ML bundle" in capsys.readouterr().err

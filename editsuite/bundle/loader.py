@@ -19,6 +19,7 @@ from editsuite.errors import UserError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BACKENDS = ("auto", "torch", "coreml")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 @dataclasses.dataclass
@@ -132,32 +133,44 @@ def load_bundle(
     allow_pickle: bool = False,
     config: str | os.PathLike | None = None,
     compute_units: str = "all",
+    prediction_type: str | None = None,
 ) -> ModelBundle:
-    """Load a model from a diffusers folder, a single-file checkpoint, a converted Core ML bundle or a hub id.
+    """Load a model from a diffusers folder, a single-file checkpoint, a Core ML bundle or a hub id.
 
-    `config` names a diffusers config folder for a single-file checkpoint whose architecture differs from
-    the shipped SD 1.x/2.x configs. `compute_units` picks where Core ML runs a converted bundle on macOS.
+    `config` names a diffusers config folder: for a single-file checkpoint whose architecture differs from
+    the shipped SD 1.x/2.x configs, or for a Core ML bundle converted by Apple's tools (scheduler, prediction
+    type, latent scale, tokenizer). `prediction_type` (epsilon or v_prediction) overrides the model's.
+    `compute_units` picks where Core ML runs a Core ML bundle on macOS.
     """
+    from editsuite.bundle.coreml_layout import is_coreml_folder
+
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; use one of: {', '.join(BACKENDS)}")
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise UserError(f"unknown prediction type {prediction_type!r}; use {' or '.join(PREDICTION_TYPES)}")
     path = Path(source).expanduser()
-    if path.is_dir() and (path / "coreml-manifest.json").is_file():
+    if is_coreml_folder(path):
         if backend == "torch":
-            raise UserError(f"{path} is a converted Core ML bundle; load it with --backend coreml or auto")
+            raise UserError(f"{path} is a Core ML bundle; load it with --backend coreml or auto")
         from editsuite.bundle.coreml_backend import load_coreml_bundle  # optional extra
 
-        return load_coreml_bundle(path, compute_units=compute_units)
+        return load_coreml_bundle(path, compute_units=compute_units, config=config, prediction_type=prediction_type)
     if backend == "coreml":
-        raise UserError(f"{path} is not a converted Core ML bundle; make one with `editsuite convert {path} -o OUT`")
+        raise UserError(f"{path} is not a Core ML bundle; make one with `editsuite convert {path} -o OUT`")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if path.is_dir():
-        return _load_diffusers(path, str(path), dev, dt, local=True)
-    if path.is_file():
-        return _load_single_file(path, dev, dt, allow_pickle=allow_pickle, config=config)
-    if _looks_like_hub_id(str(source)) and not path.suffix:
-        return _load_diffusers(str(source), str(source), dev, dt, local=False)
-    raise UserError(f"model {source} not found; pass a diffusers folder, a .safetensors file or a hub id")
+        bundle = _load_diffusers(path, str(path), dev, dt, local=True)
+    elif path.is_file():
+        bundle = _load_single_file(path, dev, dt, allow_pickle=allow_pickle, config=config)
+    elif _looks_like_hub_id(str(source)) and not path.suffix:
+        bundle = _load_diffusers(str(source), str(source), dev, dt, local=False)
+    else:
+        raise UserError(f"model {source} not found; pass a diffusers folder, a .safetensors file or a hub id")
+    if prediction_type is not None:
+        bundle.manifest = dataclasses.replace(bundle.manifest, prediction_type=prediction_type)
+        bundle.scheduler_config = {**bundle.scheduler_config, "prediction_type": prediction_type}
+    return bundle
 
 
 def _looks_like_hub_id(s: str) -> bool:

@@ -4,8 +4,9 @@ coremltools can convert and save on Linux and Windows but cannot run a program t
 conversion anywhere (and to run every task on a Core ML bundle off a Mac, slowly), this module reads the
 program back with coremltools' own MIL loader and evaluates its ops one by one in PyTorch. Compressed
 weights (int8, palettized) are expanded by the constexpr ops' own value inference, so what runs is what
-Core ML would decode. Each intermediate is freed after its last use; `fp16=True` rounds every float
-intermediate to fp16, as the program's fp16 arithmetic does on device.
+Core ML would decode. Each intermediate is freed after its last use; `fp16=True` rounds every value the
+program types as fp16 to fp16, as its fp16 arithmetic does on device (fp32 inputs and casts stay fp32:
+Apple's text encoders take token ids as fp32, which fp16 would not hold above 2048).
 
 Written here because no library runs MIL programs off Apple platforms.
 """
@@ -125,6 +126,16 @@ _OPS["reduce_max"] = _reduce(lambda x, dim, keepdim: torch.amax(x, dim=dim, keep
 _OPS["reduce_min"] = _reduce(lambda x, dim, keepdim: torch.amin(x, dim=dim, keepdim=keepdim))
 
 
+
+
+def _reduce_arg(fn):
+    return lambda x, axis=-1, keep_dims=False: fn(x, dim=int(axis), keepdim=bool(keep_dims))
+
+
+_OPS["reduce_argmax"] = _reduce_arg(torch.argmax)  # Apple's text encoders pool at argmax(input_ids)
+_OPS["reduce_argmin"] = _reduce_arg(torch.argmin)
+
+
 @op("layer_norm")
 def _layer_norm(x, axes, gamma=None, beta=None, epsilon=1e-5):
     dims = _axes(axes, x.ndim)
@@ -240,6 +251,11 @@ def _concat(values, axis, interleave=False):
     return torch.cat(parts, dim=int(axis))
 
 
+@op("stack")
+def _stack(values, axis):
+    return torch.stack([torch.as_tensor(v) for v in values], dim=int(axis))
+
+
 @op("split")
 def _split(x, axis, num_splits=None, split_sizes=None):
     dim = int(axis)
@@ -288,6 +304,18 @@ def _gather(x, indices, axis=0, batch_dims=0, validate_indices=False):
     idx = torch.where(idx < 0, idx + x.shape[dim], idx)
     out = torch.index_select(x, dim, idx.reshape(-1))
     return out.reshape((*x.shape[:dim], *idx.shape, *x.shape[dim + 1:]))
+
+
+@op("gather_nd")
+def _gather_nd(x, indices, batch_dims=0, validate_indices=False):
+    """x[i_0, ..., i_{K-1}] for each K-vector of `indices` (..., K): shape indices[:-1] + x[K:]."""
+    if int(batch_dims):
+        raise NotImplementedError("gather_nd with batch_dims")
+    idx = torch.as_tensor(indices).long()
+    k = idx.shape[-1]
+    flat = idx.reshape(-1, k)
+    picked = x[tuple(flat[:, j] % x.shape[j] for j in range(k))]
+    return picked.reshape(*idx.shape[:-1], *x.shape[k:])
 
 
 @op("tile")
@@ -372,7 +400,7 @@ def _to_torch(value) -> Any:
 
 class Program:
     """Runs one converted package. `program(**inputs)` -> {output name: tensor}, computed in fp32 (or with
-    every float intermediate rounded to fp16 when `fp16`)."""
+    every value the program types as fp16 rounded to fp16 when `fp16`)."""
 
     def __init__(self, package: str | Path, *, fp16: bool = False):
         self.path = Path(package)
@@ -380,6 +408,11 @@ class Program:
         program = load_program(self.path)
         main = program.functions["main"]
         self.input_names = list(main.inputs)
+        from coremltools.converters.mil.mil import types
+
+        # the values the program computes in fp16: only these are rounded when `fp16`
+        self.half = {n for n, v in main.inputs.items() if v.dtype == types.fp16}
+        self.half |= {v.name for o in main.operations for v in o.outputs if v.dtype == types.fp16}
         self.output_names = [v.name for v in main.outputs]
         self.consts: dict[str, Any] = {}
         # the largest rank of any tensor in the program (the Neural Engine wants at most 4)
@@ -430,7 +463,7 @@ class Program:
         env: dict[str, Any] = {}
         for name in self.input_names:
             t = torch.as_tensor(inputs[name])
-            env[name] = self._round(t.float()) if t.is_floating_point() else t.long()
+            env[name] = self._round(name, t.float()) if t.is_floating_point() else t.long()
         for i, (kind, params, outs) in enumerate(self.steps):
             args = {k: ([self._value(env, n) for n in ref] if isinstance(ref, list) else self._value(env, ref))
                     for k, ref in params.items()}
@@ -440,14 +473,14 @@ class Program:
                 raise RuntimeError(f"{self.path.name}: op {kind} -> {outs[0]} failed: {e}") from e
             results = result if isinstance(result, tuple) else (result,)
             for name, value in zip(outs, results):
-                env[name] = self._round(value) if isinstance(value, torch.Tensor) else value
+                env[name] = self._round(name, value) if isinstance(value, torch.Tensor) else value
             for ref in params.values():
                 for name in ref if isinstance(ref, list) else [ref]:
                     if self.last_use.get(name) == i and name in env:
                         del env[name]
         return {name: env[name] for name in self.output_names}
 
-    def _round(self, t: torch.Tensor) -> torch.Tensor:
-        if self.fp16 and t.is_floating_point():
+    def _round(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        if self.fp16 and name in self.half and t.is_floating_point():
             return t.half().float()
         return t

@@ -11,9 +11,9 @@ import click
 import typer
 
 from editsuite.cli.options import (AllowPickle, Backend, CacheInterval, ComputeUnits, Device, Dtype, Guidance,
-                                   Height, Inputs, Json,
-                                   MaxPixels, Model, Negative, NumImages, OptGuidance, OptPrompt, Output, Overwrite,
-                                   Prompt, Quiet, Scheduler, Seed, Steps, Strength, Width)
+                                   Height, Inputs, Json, MaxPixels, Model, ModelConfig, Negative, NumImages,
+                                   OptGuidance, OptPrompt, Output, Overwrite, PredictionType, Prompt, Quiet, Scheduler,
+                                   Seed, Steps, Strength, Width)
 from editsuite.cli.run import Job, execute
 from editsuite.errors import UserError
 from editsuite.imaging.io import DEFAULT_MAX_PIXELS
@@ -37,6 +37,7 @@ def txt2img(
     compute_units: ComputeUnits = "all", device: Device = "auto", dtype: Dtype = "auto",
     cache_interval: CacheInterval = 1, overwrite: Overwrite = False,
     quiet: Quiet = False, json_out: Json = False, allow_pickle: AllowPickle = False,
+    config: ModelConfig = None, prediction_type: PredictionType = None,
 ):
     """Paint a picture from a prompt."""
     execute(Job("txt2img", locals(), dict(width=width, height=height)))
@@ -51,6 +52,7 @@ def img2img(
     compute_units: ComputeUnits = "all", device: Device = "auto", dtype: Dtype = "auto",
     cache_interval: CacheInterval = 1,
     overwrite: Overwrite = False, quiet: Quiet = False, json_out: Json = False, allow_pickle: AllowPickle = False,
+    config: ModelConfig = None, prediction_type: PredictionType = None,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
 ):
     """Repaint pictures guided by a prompt."""
@@ -74,7 +76,8 @@ def inpaint(
     compute_units: ComputeUnits = "all",
     device: Device = "auto", dtype: Dtype = "auto", cache_interval: CacheInterval = 1, overwrite: Overwrite = False,
     quiet: Quiet = False,
-    json_out: Json = False, allow_pickle: AllowPickle = False, max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+    json_out: Json = False, allow_pickle: AllowPickle = False,
+    config: ModelConfig = None, prediction_type: PredictionType = None, max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
 ):
     """Repaint the white part of a mask; everything else stays as it was."""
     execute(Job("inpaint", locals(), dict(strength=strength, mask_blur=mask_blur, only_masked=only_masked,
@@ -97,6 +100,7 @@ def outpaint(
     compute_units: ComputeUnits = "all", device: Device = "auto", dtype: Dtype = "auto",
     cache_interval: CacheInterval = 1,
     overwrite: Overwrite = False, quiet: Quiet = False, json_out: Json = False, allow_pickle: AllowPickle = False,
+    config: ModelConfig = None, prediction_type: PredictionType = None,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
 ):
     """Extend pictures on any side and fill the new area."""
@@ -121,6 +125,7 @@ def upscale(
     compute_units: ComputeUnits = "all", device: Device = "auto", dtype: Dtype = "auto",
     cache_interval: CacheInterval = 1, overwrite: Overwrite = False,
     quiet: Quiet = False, json_out: Json = False, allow_pickle: AllowPickle = False,
+    config: ModelConfig = None, prediction_type: PredictionType = None,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
 ):
     """Make pictures larger: the x4 upscaler model, or a tiled img2img pass with a base model."""
@@ -131,12 +136,13 @@ def upscale(
 @app.command()
 def info(
     model: str = typer.Argument(..., help="Diffusers folder, .safetensors checkpoint, Core ML bundle or hub id."),
-    allow_pickle: AllowPickle = False,
+    allow_pickle: AllowPickle = False, config: ModelConfig = None, prediction_type: PredictionType = None,
 ):
     """Show what a model is: kind, channels, prediction type, resolution."""
     from editsuite.bundle.loader import load_bundle
 
-    bundle = load_bundle(model, backend="auto", device="cpu", dtype="float32", allow_pickle=allow_pickle)
+    bundle = load_bundle(model, backend="auto", device="cpu", dtype="float32", allow_pickle=allow_pickle,
+                         config=config, prediction_type=prediction_type)
     typer.echo(json.dumps(bundle.identity(), indent=2))
 
 
@@ -166,23 +172,28 @@ def convert(
     chunk_unet: bool = typer.Option(False, "--chunk-unet", help="Split the UNet into two packages."),
     components: list[str] = typer.Option([], "--components", help="Convert only these: text_encoder, unet, "
                                          "vae_encoder, vae_decoder (repeat the option)."),
+    model_version: Optional[str] = typer.Option(
+        None, help="The name in the package files (Stable_Diffusion_version_<NAME>_unet.mlpackage), what Apple's "
+        "Python pipeline takes as --model-version. Default: the model's name."),
+    compile_: bool = typer.Option(False, "--compile", help="macOS: also compile Resources/*.mlmodelc for Apple's "
+                                  "Swift CLI and Mochi Diffusion."),
     overwrite: Overwrite = False, quiet: Quiet = False, allow_pickle: AllowPickle = False,
 ):
-    """Convert a model into Core ML packages laid out for the Apple Neural Engine."""
+    """Convert a model into Core ML packages in Apple's layout, laid out for the Apple Neural Engine."""
     from editsuite.convert.coreml import convert as run_convert, parse_resolution
 
     sizes = [parse_resolution(r) for r in resolution]
     say = None if quiet else (lambda msg: typer.echo(msg, err=True))
     out = run_convert(model, output, resolutions=sizes, attention=attention, quantize_bits=quantize_bits,
                       chunk_unet=chunk_unet, components=components, allow_pickle=allow_pickle, overwrite=overwrite,
-                      progress=say)
+                      model_version=model_version, compile=compile_, progress=say)
     if not quiet:
         typer.echo(f"wrote {out}", err=True)
 
 
 @app.command()
 def verify(
-    bundle: Path = typer.Argument(..., help="A converted Core ML bundle."),
+    bundle: Path = typer.Argument(..., help="A Core ML bundle (editsuite's, or Apple's packages with --against)."),
     against: Optional[str] = typer.Option(None, help="The source model (default: the one recorded at conversion)."),
     json_out: Json = False,
 ):

@@ -43,3 +43,9 @@ Json = Annotated[bool, typer.Option("--json", help="Print the outputs and their 
 AllowPickle = Annotated[bool, typer.Option(
     "--allow-pickle", help="Load .ckpt/.bin/.pt checkpoints (with torch.load(weights_only=True)).")]
 MaxPixels = Annotated[int, typer.Option(help="Refuse input images with more pixels than this.")]
+ModelConfig = Annotated[Optional[str], typer.Option(
+    "--config", help="Diffusers folder that says what a Core ML bundle made by Apple's converter cannot: scheduler, "
+    "prediction type, latent scale, tokenizer (or the config of an unusual single-file checkpoint).")]
+PredictionType = Annotated[Optional[str], typer.Option(
+    help="epsilon or v_prediction: override the model's (needed for Apple-converted SD 2.x 768 bundles without "
+    "--config).")]

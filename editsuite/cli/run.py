@@ -114,7 +114,8 @@ def _load(job: Job, quiet: bool):
         if not quiet:
             typer.echo(NOTICE.format(kind=TASK_KIND[job.task].value), err=True)
     bundle = load_bundle(model, backend=job.opt("backend"), device=job.opt("device"), dtype=job.opt("dtype"),
-                         allow_pickle=job.opt("allow_pickle"), compute_units=job.opt("compute_units", "all"))
+                         allow_pickle=job.opt("allow_pickle"), compute_units=job.opt("compute_units", "all"),
+                         config=job.opt("config"), prediction_type=job.opt("prediction_type"))
     if bundle.notice and not quiet:
         typer.echo(bundle.notice, err=True)
     bundle.cache_interval = job.opt("cache_interval", 1)

@@ -150,7 +150,9 @@ def _transformer_forward(self, hidden_states, encoder_hidden_states=None, *args,
     b, _, h, w = hidden_states.shape
     x = self.proj_in(self.norm(hidden_states))  # a 1x1 conv, whether the model used conv or linear projection
     x = x.reshape(b, x.shape[1], 1, h * w)  # (B, C, 1, S)
-    ctx = None if encoder_hidden_states is None else encoder_hidden_states.transpose(1, 2).unsqueeze(2)  # (B, D, 1, 77)
+    ctx = encoder_hidden_states
+    if ctx is not None and ctx.ndim == 3:  # diffusers' (B, 77, D); the converted UNet takes (B, D, 1, 77) as is
+        ctx = ctx.transpose(1, 2).unsqueeze(2)
     for block in self.transformer_blocks:
         x = _block_forward(block, x, ctx, self._ane_variant)
     out = self.proj_out(x.reshape(b, -1, h, w)) + hidden_states
@@ -175,7 +177,8 @@ def _swap_linears(module: nn.Module, vector: bool) -> None:
 def rewrite_unet(unet: UNet2DConditionModel, attention: str | AttentionVariant = AttentionVariant.SPLIT_EINSUM,
                  ) -> UNet2DConditionModel:
     """A new UNet with the ANE rewrites, built from `unet`'s config; its original state dict loads into it
-    unchanged. Inputs and outputs are as the original's: sample (B, C, H, W), timestep, context (B, 77, D)."""
+    unchanged. Inputs and outputs are as the original's: sample (B, C, H, W), timestep, context (B, 77, D), or
+    the context in Apple's layout (B, D, 1, 77), which the converted UNet takes."""
     variant = AttentionVariant(attention)
     ane = UNet2DConditionModel.from_config(unet.config)
     for module in ane.modules():

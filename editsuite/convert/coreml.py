@@ -1,15 +1,20 @@
-"""`editsuite convert`: a model bundle -> a self-contained Core ML bundle (build time; needs coremltools).
+"""`editsuite convert`: a model bundle -> a Core ML bundle in Apple's layout (build time; needs coremltools).
 
 OUT/
-  coreml-manifest.json    what the bundle is: the model's manifest, resolutions, attention, compression,
-                          the packages and their inputs/outputs, the source weights' hash
-  TextEncoder.mlpackage   input_ids (1, 77) int32 -> last_hidden_state
-  Unet.mlpackage          or UnetChunk1/UnetChunk2.mlpackage with --chunk-unet
-  VAEEncoder.mlpackage, VAEDecoder.mlpackage
+  Stable_Diffusion_version_<V>_text_encoder.mlpackage   input_ids (1, 77) float32 -> last_hidden_state,
+                                                         pooled_outputs
+  Stable_Diffusion_version_<V>_unet.mlpackage           or _unet_chunk1/_unet_chunk2 with --chunk-unet
+  Stable_Diffusion_version_<V>_vae_encoder.mlpackage    x -> latent
+  Stable_Diffusion_version_<V>_vae_decoder.mlpackage    z -> image
+  vocab.json, merges.txt     the CLIP tokenizer as Apple's Swift pipeline reads it
+  coreml-manifest.json       what the bundle is: the model's identity, the settings, the packages
   tokenizer/, scheduler/ (and low_res_scheduler/ for the x4 upscaler)
+  Resources/*.mlmodelc       with --compile (macOS): what Apple's Swift CLI and Mochi Diffusion open
 
-Each package is written under a temporary name and renamed when complete, and the manifest records it, so
-running the same command again skips what is finished.
+<V> is the model version (`--model-version`, default the model's name), as Apple's converter and Python
+pipeline name their files; names, dtypes and shapes are Apple's (see `bundle.coreml_layout`). Each package
+is written under a temporary name and renamed when complete, and the manifest records it, so running the
+same command again skips what is finished.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import time
 import warnings
@@ -26,31 +32,36 @@ from typing import Callable
 import numpy as np
 import torch
 
+from editsuite.bundle.coreml_layout import (FORMAT, MANIFEST, META_KIND, META_LATENT_SCALE, META_PREDICTION,
+                                            META_VAE_FACTOR, SWIFT_NAMES, model_version_of, package_name,
+                                            read_manifest)
+from editsuite.bundle.coreml_backend import on_macos
 from editsuite.bundle.mil_executor import import_coremltools
 from editsuite.errors import UserError
 
-MANIFEST = "coreml-manifest.json"
-FORMAT = 1
 UNET_BATCH = 2  # the UNet runs the unconditional and conditional halves of guidance together
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
-PACKAGES = {"text_encoder": "TextEncoder", "vae_encoder": "VAEEncoder", "vae_decoder": "VAEDecoder"}
 QUANTIZE_BITS = (8, 6, 4)
 WEIGHT_THRESHOLD = 2048  # smaller constants (norms, biases) stay fp16, as coremltools does by default
 
 DESCRIPTIONS = {
-    "input_ids": "CLIP token ids, padded to 77",
+    "input_ids": "CLIP token ids as float32, padded to 77",
     "last_hidden_state": "text encoder hidden states (the UNet's context)",
+    "pooled_outputs": "text encoder output pooled at the end-of-text token",
     "sample": "noisy latents, with the model's extra channels (mask, masked-image latents or low-res image)",
     "timestep": "diffusion timestep, one per batch item",
-    "encoder_hidden_states": "text encoder hidden states: unconditional then conditional",
+    "encoder_hidden_states": "text encoder hidden states (B, D, 1, 77): unconditional then conditional",
     "class_labels": "noise level of the low-resolution image (x4 upscaler)",
     "noise_pred": "the UNet's prediction (noise or v, as the model's prediction type)",
     "hidden_states": "UNet activations between the two chunks",
     "temb": "time embedding, passed from chunk 1 to chunk 2",
     "image": "pixels in [-1, 1], RGB",
-    "moments": "VAE posterior: mean and log-variance on the channel axis",
+    "latent": "VAE posterior: mean and log-variance on the channel axis, unscaled",
+    "x": "pixels in [-1, 1], RGB",
     "z": "unscaled latents (divide scaled latents by the scaling factor first)",
 }
+# inputs Apple's pipelines pass as fp16 (its Python pipeline refuses any other dtype); the rest are float32
+HALF_INPUTS = {"sample", "timestep", "encoder_hidden_states", "x", "z"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +71,12 @@ class Settings:
     quantize_bits: int | None = None
     chunk_unet: bool = False
 
+    model_version: str = ""
+
     def to_dict(self) -> dict:
         return {"resolutions": [list(r) for r in self.resolutions], "attention": self.attention,
-                "quantize_bits": self.quantize_bits, "chunk_unet": self.chunk_unet}
+                "quantize_bits": self.quantize_bits, "chunk_unet": self.chunk_unet,
+                "model_version": self.model_version}
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
@@ -84,20 +98,10 @@ def check_resolutions(resolutions, vae_factor: int, down: int) -> None:
                             f"downsampling {2**down}); use e.g. {w // step * step or step}x{h // step * step or step}")
 
 
-def package_names(chunk_unet: bool) -> dict[str, list[str]]:
-    unet = ["UnetChunk1", "UnetChunk2"] if chunk_unet else ["Unet"]
-    return {"text_encoder": [PACKAGES["text_encoder"]], "unet": unet,
-            "vae_encoder": [PACKAGES["vae_encoder"]], "vae_decoder": [PACKAGES["vae_decoder"]]}
-
-
-def read_manifest(out: Path) -> dict | None:
-    path = out / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} cannot be read ({e}); remove it or convert into another folder") from None
+def parts(chunk_unet: bool) -> dict[str, list[str]]:
+    """The packages of each component, by Apple's component names."""
+    return {"text_encoder": ["text_encoder"], "unet": ["unet_chunk1", "unet_chunk2"] if chunk_unet else ["unet"],
+            "vae_encoder": ["vae_encoder"], "vae_decoder": ["vae_decoder"]}
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -117,19 +121,19 @@ def _spec(bundle, name: str, settings: Settings):
     lat = [(h // f, w // f) for w, h in settings.resolutions]
     pix = [(h, w) for w, h in settings.resolutions]
     g = torch.Generator().manual_seed(0)
-    if name == "TextEncoder":
-        return TextEncoder(b.text_encoder), {"input_ids": torch.zeros(1, 77, dtype=torch.int32)}, None
-    if name == "VAEEncoder":
-        return VAEEncoder(b.vae), {"image": torch.zeros(1, 3, *pix[0])}, {"image": [(1, 3, *p) for p in pix]}
-    if name == "VAEDecoder":
+    if name == "text_encoder":
+        return TextEncoder(b.text_encoder), {"input_ids": torch.zeros(1, 77)}, None
+    if name == "vae_encoder":
+        return VAEEncoder(b.vae), {"x": torch.zeros(1, 3, *pix[0])}, {"x": [(1, 3, *p) for p in pix]}
+    if name == "vae_decoder":
         return (VAEDecoder(b.vae), {"z": torch.zeros(1, m.latent_channels, *lat[0])},
                 {"z": [(1, m.latent_channels, *s) for s in lat]})
-    part = {"Unet": None, "UnetChunk1": 1, "UnetChunk2": 2}[name]
+    part = {"unet": None, "unet_chunk1": 1, "unet_chunk2": 2}[name]
     module = Unet(b.unet_model, settings.attention, part=part)
     n = UNET_BATCH
     head = {"sample": torch.randn(n, m.unet_in_channels, *lat[0], generator=g),
             "timestep": torch.full((n,), 500.0),
-            "encoder_hidden_states": torch.randn(n, 77, m.cross_attention_dim, generator=g)}
+            "encoder_hidden_states": torch.randn(n, m.cross_attention_dim, 1, 77, generator=g)}
     if "class_labels" in module.inputs:
         head["class_labels"] = torch.full((n,), 20, dtype=torch.int32)
     if part != 2:
@@ -150,7 +154,7 @@ def _spec(bundle, name: str, settings: Settings):
 
 
 def _convert_one(ct, module, inputs: dict, varying: dict | None, outputs: tuple[str, ...], bits: int | None,
-                 description: str):
+                 description: str, metadata: dict[str, str], model_version: str):
     module = module.eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shapes taken as constants: intended here
@@ -158,28 +162,36 @@ def _convert_one(ct, module, inputs: dict, varying: dict | None, outputs: tuple[
     ct_inputs = []
     n_varying = sum(1 for shapes in (varying or {}).values() if len(set(shapes)) > 1)
     for name, value in inputs.items():
-        dtype = np.int32 if value.dtype in (torch.int32, torch.int64) else np.float16
         shapes = (varying or {}).get(name)
         if shapes and len(set(shapes)) > 1:
             shape = ct.EnumeratedShapes(shapes=[list(s) for s in shapes], default=list(value.shape))
         else:
             shape = tuple(value.shape)
-        ct_inputs.append(ct.TensorType(name=name, shape=shape, dtype=dtype))
+        ct_inputs.append(ct.TensorType(name=name, shape=shape, dtype=_input_dtype(name, value)))
     mlmodel = ct.convert(
-        traced, inputs=ct_inputs, outputs=[ct.TensorType(name=o, dtype=np.float16) for o in outputs],
+        # outputs float32, as Apple's packages give them (Swift and Python read them as Float32)
+        traced, inputs=ct_inputs, outputs=[ct.TensorType(name=o, dtype=np.float32) for o in outputs],
         convert_to="mlprogram", compute_precision=ct.precision.FLOAT16,
         # Core ML allows enumerated shapes on several inputs (chunk 2 at several sizes) from macOS 15 on
         minimum_deployment_target=ct.target.macOS15 if n_varying > 1 else ct.target.macOS13, skip_model_load=True)
+    del traced
     if bits:
         mlmodel = compress(mlmodel, bits)
     for name in inputs:
-        mlmodel.input_description[name] = DESCRIPTIONS.get(name.split("_")[0] if name.startswith("res_") else name,
-                                                           "skip connection passed from chunk 1 to chunk 2")
+        mlmodel.input_description[name] = DESCRIPTIONS.get(name, "skip connection passed from chunk 1 to chunk 2")
     for name in outputs:
         mlmodel.output_description[name] = DESCRIPTIONS.get(name, "skip connection passed from chunk 1 to chunk 2")
     mlmodel.short_description = description
     mlmodel.author = "editsuite"
+    mlmodel.version = model_version
+    mlmodel.user_defined_metadata.update(metadata)
     return mlmodel
+
+
+def _input_dtype(name: str, value: torch.Tensor):
+    if value.dtype in (torch.int32, torch.int64):
+        return np.int32
+    return np.float16 if name in HALF_INPUTS else np.float32
 
 
 def compress(mlmodel, bits: int):
@@ -200,12 +212,17 @@ def compress(mlmodel, bits: int):
 
 def convert(source, out: str | os.PathLike, *, resolutions=(), attention: str = "split-einsum",
             quantize_bits: int | None = None, chunk_unet: bool = False, components=(), allow_pickle: bool = False,
-            overwrite: bool = False, progress: Callable[[str], None] | None = None) -> Path:
-    """Convert `source` (anything `load_bundle` reads) into the Core ML bundle `out`; returns `out`."""
-    from editsuite.bundle.loader import load_bundle
+            overwrite: bool = False, model_version: str | None = None, compile: bool = False,
+            progress: Callable[[str], None] | None = None) -> Path:
+    """Convert `source` (anything `load_bundle` reads) into the Core ML bundle `out`; returns `out`.
+    `compile` (macOS only) also writes `Resources/*.mlmodelc` for Apple's Swift pipeline and Mochi Diffusion."""
+    from editsuite.bundle.loader import _looks_like_hub_id, load_bundle
     from editsuite.convert.ane import AttentionVariant
 
     say = progress or (lambda msg: None)
+    if compile and not on_macos():
+        raise UserError("--compile needs macOS (it runs Xcode's coremlcompiler); convert here without it and run "
+                        "the same command with --compile on a Mac, or compile there with `xcrun coremlcompiler`")
     ct = import_coremltools()
     if attention not in {v.value for v in AttentionVariant}:
         raise UserError(f"unknown attention {attention!r}; use one of: "
@@ -215,16 +232,24 @@ def convert(source, out: str | os.PathLike, *, resolutions=(), attention: str = 
     unknown = [c for c in components if c not in COMPONENTS]
     if unknown:
         raise UserError(f"unknown component {unknown[0]!r}; use any of: {', '.join(COMPONENTS)}")
+    if model_version is not None and not re.fullmatch(r"[A-Za-z0-9._/-]+", model_version):
+        raise UserError(f"--model-version {model_version!r} may hold only letters, digits, '.', '-', '_' and '/'")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder; pass another -o")
     bundle = load_bundle(source, backend="torch", device="cpu", dtype="float32", allow_pickle=allow_pickle)
     m = bundle.manifest
     native = (m.native_resolution, m.native_resolution)
-    settings = Settings(tuple(dict.fromkeys(resolutions or [native])), attention, quantize_bits, chunk_unet)
+    # Apple's Python pipeline finds packages by the hub id or folder it loads the tokenizer from: a hub id
+    # is kept as the model version, anything else gives its name
+    hub = _looks_like_hub_id(str(source)) and not Path(str(source)).exists()
+    version = model_version or (str(source) if hub else model_version_of(m.name or out.name))
+    settings = Settings(tuple(dict.fromkeys(resolutions or [native])), attention, quantize_bits, chunk_unet, version)
     down = sum(1 for blk in bundle.backend.unet_model.down_blocks if blk.downsamplers)
     check_resolutions(settings.resolutions, m.vae_scale_factor, down)
     identity = bundle.identity()
+    if Path(str(source)).exists():  # verify and reruns find the source from any folder
+        identity["source"] = str(Path(source).resolve())
 
     old = read_manifest(out)
     if old is not None and not overwrite:
@@ -235,47 +260,98 @@ def convert(source, out: str | os.PathLike, *, resolutions=(), attention: str = 
         shutil.rmtree(out)
         old = None
     out.mkdir(parents=True, exist_ok=True)
-    names = package_names(chunk_unet)
-    wanted = [p for c in (components or COMPONENTS) for p in names[c]]
+    wanted = [p for c in (components or COMPONENTS) for p in parts(chunk_unet)[c]]
     manifest = old or {
         "format": FORMAT, "model": identity, "settings": settings.to_dict(), "unet_batch": UNET_BATCH,
         "packages": {},
     }
+    metadata = {META_KIND: m.kind.value, META_PREDICTION: m.prediction_type, META_LATENT_SCALE: str(m.scaling_factor),
+                META_VAE_FACTOR: str(m.vae_scale_factor)}
     _write_support_files(bundle, out)
     for name in wanted:
-        path = out / f"{name}.mlpackage"
+        file = package_name(version, name)
+        path = out / file
         if name in manifest["packages"] and path.is_dir():
-            say(f"{name}: already converted, skipped")
+            say(f"{SWIFT_NAMES[name]}: already converted, skipped")
             continue
         t0 = time.time()
-        say(f"{name}: tracing and converting")
+        say(f"{SWIFT_NAMES[name]}: tracing and converting")
         module, inputs, varying = _spec(bundle, name, settings)
         outputs = module.outputs
         mlmodel = _convert_one(ct, module, inputs, varying, outputs, quantize_bits,
-                               f"{m.name or 'model'} {name} ({m.kind.value}), converted by editsuite")
-        tmp = out / f".partial-{name}.mlpackage"
+                               f"{m.name or 'model'} {SWIFT_NAMES[name]} ({m.kind.value}), converted by editsuite",
+                               metadata, version)
+        split = getattr(module, "split", None)
+        del module
+        tmp = out / f".partial-{file}"
         shutil.rmtree(tmp, ignore_errors=True)
         mlmodel.save(str(tmp))
+        del mlmodel
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
         manifest["packages"][name] = {
-            "inputs": {k: {"shape": list(v.shape), "dtype": "int32" if v.dtype in (torch.int32, torch.int64) else "float16",
+            "file": file,
+            "inputs": {k: {"shape": list(v.shape), "dtype": np.dtype(_input_dtype(k, v)).name,
                            "shapes": [list(s) for s in (varying or {}).get(k, [])]} for k, v in inputs.items()},
             "outputs": list(outputs),
             "size_bytes": _size(path),
             "seconds": round(time.time() - t0, 1),
         }
-        if name.startswith("UnetChunk"):
-            manifest["packages"][name]["split"] = module.split
+        if name.startswith("unet_chunk"):
+            manifest["packages"][name]["split"] = split
         _write_json(out / MANIFEST, manifest)
-        say(f"{name}: done in {time.time() - t0:.0f} s, {_size(path) / 2**20:.1f} MiB")
+        say(f"{SWIFT_NAMES[name]}: done in {time.time() - t0:.0f} s, {_size(path) / 2**20:.1f} MiB")
     _write_json(out / MANIFEST, manifest)
+    if compile:
+        compile_for_swift(out, {c: out / p["file"] for c, p in manifest["packages"].items()}, say)
     return out
+
+
+def compile_for_swift(out: Path, packages: dict[str, Path], say: Callable[[str], None]) -> Path:
+    """`Resources/` as Apple's converter writes it for its Swift CLI (`--bundle-resources-for-swift-cli`):
+    each package compiled by Xcode's coremlcompiler into `<SwiftName>.mlmodelc`, beside vocab.json and
+    merges.txt. Mochi Diffusion opens the same folder. macOS only."""
+    import subprocess
+    import tempfile
+
+    resources = out / "Resources"
+    resources.mkdir(exist_ok=True)
+    for component, package in packages.items():
+        target = resources / f"{SWIFT_NAMES[component]}.mlmodelc"
+        if target.is_dir():
+            say(f"{target.name}: already compiled, skipped")
+            continue
+        with tempfile.TemporaryDirectory(dir=resources, prefix=".compiling-") as tmp:
+            done = subprocess.run(["xcrun", "coremlcompiler", "compile", str(package), tmp], capture_output=True,
+                                  text=True)
+            compiled = Path(tmp) / f"{package.stem}.mlmodelc"
+            if done.returncode or not compiled.is_dir():
+                last = (done.stderr or done.stdout or "no output").strip().splitlines()[-1:] or ["no output"]
+                raise UserError(f"coremlcompiler could not compile {package.name}: {last[0]}; check that Xcode's "
+                                "command line tools are installed (xcode-select --install)")
+            os.replace(compiled, target)
+        say(f"{target.name}: compiled")
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(out / name, resources / name)
+    return resources
+
+
+def write_vocab_and_merges(tokenizer, folder: Path) -> None:
+    """The CLIP tokenizer as `vocab.json` and `merges.txt`, the two files Apple's Swift BPE tokenizer reads
+    (transformers 5 saves only tokenizer.json, so they are taken from the tokenizer's own model)."""
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    vocab = dict(sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]))
+    _write_json(folder / "vocab.json", vocab)
+    tmp = folder / "merges.txt.tmp"
+    tmp.write_text("#version: 0.2\n" + "".join(f"{m}\n" for m in merges), encoding="utf-8")
+    os.replace(tmp, folder / "merges.txt")
 
 
 def _write_support_files(bundle, out: Path) -> None:
     if not (out / "tokenizer").is_dir():
         bundle.tokenizer.save_pretrained(out / "tokenizer")
+    write_vocab_and_merges(bundle.tokenizer, out)
     (out / "scheduler").mkdir(exist_ok=True)
     _write_json(out / "scheduler" / "scheduler_config.json", dict(bundle.scheduler_config))
     if bundle.low_res_scheduler is not None:

@@ -1,9 +1,12 @@
-"""The four shared modules as traceable torch modules with fixed, named inputs and outputs (build time).
+"""The four shared modules as traceable torch modules with Apple's names and layouts (build time).
 
-- `TextEncoder`: input_ids (1, 77) int32 -> last_hidden_state (1, 77, D)
-- `Unet`: sample (2, C_in, h, w), timestep (2,), encoder_hidden_states (2, 77, D) [, class_labels (2,) int32]
-  -> noise_pred (2, 4, h, w). Built on the ANE rewrites; optionally one of two chunks.
-- `VAEEncoder`: image (1, 3, H, W) in [-1, 1] -> moments (1, 8, h, w)
+The inputs and outputs are those of Apple's converter (ml-stable-diffusion), so that Apple's pipelines
+and the apps built on them run editsuite's packages:
+- `TextEncoder`: input_ids (1, 77) float32 -> last_hidden_state (1, 77, D), pooled_outputs (1, D)
+- `Unet`: sample (2, C_in, h, w), timestep (2,), encoder_hidden_states (2, D, 1, 77) [, class_labels (2,)
+  int32 for the x4 upscaler, which Apple's tools do not run] -> noise_pred (2, 4, h, w). Built on the ANE
+  rewrites; optionally one of two chunks.
+- `VAEEncoder`: x (1, 3, H, W) in [-1, 1] -> latent (1, 8, h, w): mean and log-variance
 - `VAEDecoder`: z (1, 4, h, w), unscaled latents -> image (1, 3, H, W)
 
 The UNet's forward is written out here as three stages (embed + down + mid, up, out) instead of calling
@@ -54,27 +57,31 @@ def rank4_group_norms(module: nn.Module) -> nn.Module:
 
 
 class TextEncoder(nn.Module):
+    """Token ids come as float32, Apple's convention (its pipelines pass them so); the pooled output is
+    CLIP's, taken at the end-of-text token."""
+
     inputs = ("input_ids",)
-    outputs = ("last_hidden_state",)
+    outputs = ("last_hidden_state", "pooled_outputs")
 
     def __init__(self, text_encoder):
         super().__init__()
         self.model = text_encoder
 
     def forward(self, input_ids):
-        return self.model(input_ids.long(), return_dict=False)[0]
+        hidden, pooled = self.model(input_ids.long(), return_dict=False)[:2]
+        return hidden, pooled
 
 
 class VAEEncoder(nn.Module):
-    inputs = ("image",)
-    outputs = ("moments",)
+    inputs = ("x",)
+    outputs = ("latent",)
 
     def __init__(self, vae):
         super().__init__()
         self.encoder, self.quant_conv = rank4_group_norms(copy.deepcopy(vae.encoder)), vae.quant_conv
 
-    def forward(self, image):
-        h = self.encoder(image)
+    def forward(self, x):
+        h = self.encoder(x)
         return h if self.quant_conv is None else self.quant_conv(h)
 
 

@@ -1,9 +1,10 @@
-"""`editsuite verify OUT [--against MODEL]`: each converted package against its PyTorch module, on any OS.
+"""`editsuite verify BUNDLE [--against MODEL]`: each Core ML model against its PyTorch module, on any OS.
 
-Every package runs in the reference executor with fp16 intermediates (as on device) at each converted
-resolution, on the same inputs as the PyTorch module at fp32; the PSNR (peak: the largest magnitude of
-the reference output) is reported per module, the worst over resolutions. A chunked UNet is verified
-chained: chunk 1 then chunk 2, against the whole PyTorch UNet.
+Every model of the bundle (editsuite's or Apple's) runs in the reference executor with fp16 where the
+program computes in fp16 (as on device), fed through the Core ML backend exactly as the tasks feed it, at
+each resolution of the bundle, on the same inputs as the original diffusers/transformers module at fp32;
+the PSNR (peak: the largest magnitude of the reference output) is reported per module, the worst over
+resolutions and outputs. A chunked UNet is verified chained: chunk 1 then chunk 2, against the whole UNet.
 """
 
 from __future__ import annotations
@@ -41,83 +42,86 @@ def psnr(ref: torch.Tensor, out: torch.Tensor) -> float:
 
 
 def verify(out: str | Path, against: str | None = None, *, fp16: bool = True) -> list[Check]:
+    from editsuite.bundle.coreml_backend import ReferenceModel, load_coreml_bundle
+    from editsuite.bundle.coreml_layout import MANIFEST, SWIFT_NAMES, is_coreml_folder, read_manifest
     from editsuite.bundle.loader import load_bundle
-    from editsuite.bundle.mil_executor import Program
-    from editsuite.convert.coreml import MANIFEST, read_manifest
-    from editsuite.convert.modules import TextEncoder
 
     out = Path(out)
+    if not is_coreml_folder(out):
+        raise UserError(f"{out} is not a Core ML bundle (no {MANIFEST}, no Apple-named packages); make one with "
+                        "`editsuite convert`")
     data = read_manifest(out)
-    if data is None:
-        raise UserError(f"{out} is not a converted Core ML bundle (no {MANIFEST}); make one with `editsuite convert`")
-    source = against or data["model"]["source"]
+    source = against or (data or {}).get("model", {}).get("source")
+    if not source:
+        raise UserError(f"{out} was not converted by editsuite; pass --against with the diffusers folder it was "
+                        "converted from")
+    programs: dict[str, ReferenceModel] = {}
+
+    def runtime(path: Path) -> ReferenceModel:
+        model = programs[path.name] = ReferenceModel(path, fp16=fp16)
+        return model
+
+    coreml = load_coreml_bundle(out, config=source if data is None else None, runtime=runtime)
     ref = load_bundle(source, backend="torch", device="cpu", dtype="float32")
-    b, m = ref.backend, ref.manifest
-    settings = data["settings"]
-    sizes = [tuple(r) for r in settings["resolutions"]]
-    packages = data["packages"]
+    b, m, cb = ref.backend, ref.manifest, coreml.backend
     g = torch.Generator().manual_seed(0)
+    ids = ref.tokenizer(["", "a red circle on a blue background"], padding="max_length", max_length=77,
+                        truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        context = b.text_encoder(ids, return_dict=False)[0].float()
     checks: list[Check] = []
 
-    ids = ref.tokenizer(["", "a red circle on a blue background"], padding="max_length", max_length=77,
-                        truncation=True, return_tensors="pt").input_ids.to(torch.int32)
-    with torch.no_grad():
-        context = TextEncoder(b.text_encoder)(ids)
-
-    # the references are the original diffusers/transformers modules, not the rewritten ones that were traced
-    def unet_ref(sample, timestep, ctx, labels=None):
-        return b.unet_model(sample, timestep, ctx, class_labels=None if labels is None else labels.long()).sample
-
-    def run(name, module, inputs_by_res, pick=lambda o: o):
-        program = Program(out / f"{name}.mlpackage", fp16=fp16)
+    def check(components: list[str], pairs) -> None:
+        """pairs: (label, expected tensors, Core ML backend call giving the same tensors)."""
         worst, labels = math.inf, []
-        for label, inputs in inputs_by_res:
-            with torch.no_grad():
-                expected = pick(module(*inputs.values()))
-            got = program(**inputs)[program.output_names[0]]
-            worst = min(worst, psnr(expected, got))
+        for label, expected, run in pairs:
+            got = run()
+            for e, o in zip(expected, got):
+                worst = min(worst, psnr(e, o))
             labels.append(label)
-        return Check(name, worst, labels, program.op_histogram())
+        ops: dict[str, int] = {}
+        for c in components:
+            for k, v in programs[cb.models[c].path.name].program.op_histogram().items():
+                ops[k] = ops.get(k, 0) + v
+        checks.append(Check("+".join(SWIFT_NAMES[c] for c in components), worst, labels, ops))
 
-    if "TextEncoder" in packages:
-        checks.append(run("TextEncoder", TextEncoder(b.text_encoder), [("77 tokens", {"input_ids": ids[1:]})]))
+    if "text_encoder" in cb.models:
+        te = cb.models["text_encoder"]
+        name = next(iter(te.desc.inputs))
+        with torch.no_grad():
+            expected = b.text_encoder(ids[1:], return_dict=False)[:2]
+
+        def run_te():
+            got = te.run(**{name: ids[1:].numpy()})
+            return [torch.from_numpy(got[k]).float() for k in te.desc.outputs if k in ("last_hidden_state",
+                                                                                     "hidden_embeds",
+                                                                                     "pooled_outputs")]
+        check(["text_encoder"], [("77 tokens", expected, run_te)])
+    sizes = cb.resolutions
     f = m.vae_scale_factor
-    if "VAEEncoder" in packages:
-        cases = []
+    if "vae_encoder" in cb.models:
+        pairs = []
         for w, h in sizes:  # a smooth random picture: what a photo looks like to a VAE, more than white noise
             img = torch.nn.functional.interpolate(torch.rand(1, 3, h // 8, w // 8, generator=g) * 2 - 1,
                                                   size=(h, w), mode="bilinear", align_corners=False)
-            cases.append((f"{w}x{h}", {"image": img}))
-        checks.append(run("VAEEncoder", lambda x: b.vae.encode(x).latent_dist.parameters, cases))
-    if "VAEDecoder" in packages:
-        cases = [(f"{w}x{h}", {"z": torch.randn(1, m.latent_channels, h // f, w // f, generator=g) / m.scaling_factor})
-                 for w, h in sizes]
-        checks.append(run("VAEDecoder", lambda z: b.vae.decode(z).sample, cases))
-
-    unet_cases = []
-    for w, h in sizes:
-        inputs = {"sample": torch.randn(2, m.unet_in_channels, h // f, w // f, generator=g),
-                  "timestep": torch.tensor([999.0, 999.0]) if not unet_cases else torch.tensor([500.0, 500.0]),
-                  "encoder_hidden_states": context}
-        if m.kind.value == "x4-upscaler":
-            inputs["class_labels"] = torch.tensor([20, 20], dtype=torch.int32)
-        unet_cases.append((f"{w}x{h}", inputs))
-    if "Unet" in packages:
-        checks.append(run("Unet", unet_ref, unet_cases))
-    elif "UnetChunk1" in packages and "UnetChunk2" in packages:
-        first, second = Program(out / "UnetChunk1.mlpackage", fp16=fp16), Program(out / "UnetChunk2.mlpackage", fp16=fp16)
-        worst, labels = math.inf, []
-        for label, inputs in unet_cases:
             with torch.no_grad():
-                expected = unet_ref(*inputs.values())
-            mid = first(**inputs)
-            feed = {k: mid[k] for k in second.input_names if k in mid}
-            feed["encoder_hidden_states"] = inputs["encoder_hidden_states"]
-            got = second(**feed)["noise_pred"]
-            worst = min(worst, psnr(expected, got))
-            labels.append(label)
-        ops = first.op_histogram()
-        for k, v in second.op_histogram().items():
-            ops[k] = ops.get(k, 0) + v
-        checks.append(Check("UnetChunk1+UnetChunk2", worst, labels, ops))
+                pairs.append((f"{w}x{h}", [b.vae.encode(img).latent_dist.parameters], lambda x=img: [cb.vae_encode(x)]))
+        check(["vae_encoder"], pairs)
+    if "vae_decoder" in cb.models:
+        pairs = []
+        for w, h in sizes:
+            z = torch.randn(1, m.latent_channels, h // f, w // f, generator=g) / m.scaling_factor
+            with torch.no_grad():
+                pairs.append((f"{w}x{h}", [b.vae.decode(z).sample], lambda z=z: [cb.vae_decode(z)]))
+        check(["vae_decoder"], pairs)
+    pairs = []
+    for i, (w, h) in enumerate(sizes if cb.unet_parts else ()):
+        sample = torch.randn(2, m.unet_in_channels, h // f, w // f, generator=g)
+        t = torch.tensor([999.0, 999.0] if i == 0 else [500.0, 500.0])
+        labels = torch.tensor([20, 20]) if m.kind.value == "x4-upscaler" else None
+        with torch.no_grad():
+            expected = b.unet_model(sample, t, context, class_labels=labels).sample
+        pairs.append((f"{w}x{h}", [expected], lambda s=sample, t=t, lb=labels: [cb.unet(s, t, context, lb)]))
+    if cb.unet_parts:
+        check(cb.unet_parts, pairs)
     return checks
