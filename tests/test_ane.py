@@ -27,7 +27,7 @@ CONFIGS = {
 def test_rewritten_unet_matches_original(config, variant, monkeypatch):
     import editsuite.convert.ane as ane
 
-    monkeypatch.setattr(ane, "QUERY_CHUNK", 24)  # so v2 really chunks the tiny model's queries
+    monkeypatch.setattr(ane, "V2_MAX_WEIGHTS", 1024)  # so v2 really chunks the tiny model's 64-token attention
     kind, pred = CONFIGS[config]
     unet = tiny_components(kind, pred)["unet"].eval()
     rewritten = rewrite_unet(unet, variant)
@@ -46,10 +46,12 @@ def test_rewritten_unet_matches_original(config, variant, monkeypatch):
 
 def test_split_einsum_equals_batched_attention():
     torch.manual_seed(1)
-    q, k, v = torch.randn(2, 16, 1, 50), torch.randn(2, 16, 1, 7), torch.randn(2, 16, 1, 7)
-    ref = attention_original(q, k, v, 4, 0.5)
-    assert torch.allclose(attention_split_einsum(q, k, v, 4, 0.5), ref, atol=1e-5)
-    assert torch.allclose(attention_split_einsum(q, k, v, 4, 0.5, chunk=16), ref, atol=1e-5)
+    q = torch.randn(2, 16, 1, 50)
+    for keys in (7, 50):  # cross-attention (77 keys in SD) and self-attention, which v2 chunks
+        k, v = torch.randn(2, 16, 1, keys), torch.randn(2, 16, 1, keys)
+        ref = attention_original(q, k, v, 4, 0.5)
+        assert torch.allclose(attention_split_einsum(q, k, v, 4, 0.5), ref, atol=1e-5)
+        assert torch.allclose(attention_split_einsum(q, k, v, 4, 0.5, max_weights=16 * keys), ref, atol=1e-5)
 
 
 def test_original_checkpoint_loads_unchanged():
@@ -59,3 +61,12 @@ def test_original_checkpoint_loads_unchanged():
     rewritten.load_state_dict(state)  # 2-D Linear weights go into 1x1 kernels through the pre-hooks
     w = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
     assert state[w].ndim == 2 and rewritten.state_dict()[w].shape == (*state[w].shape, 1, 1)
+
+
+def test_rewrite_shares_the_weights_instead_of_copying_them():
+    """Converting a 3.4 GB UNet must not hold its weights twice: the rewritten UNet takes the original's tensors."""
+    unet = tiny_components("base")["unet"]
+    rewritten = rewrite_unet(unet)
+    for name in ("conv_in.weight", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight",
+                 "time_embedding.linear_1.weight", "down_blocks.0.resnets.0.time_emb_proj.weight"):
+        assert rewritten.state_dict()[name].data_ptr() == unet.state_dict()[name].data_ptr(), name

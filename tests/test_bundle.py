@@ -39,7 +39,8 @@ def test_v_prediction_model(tmp_path):
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(device="tpu"), "unknown device"), (dict(dtype="int8"), "unknown dtype"),
-    (dict(backend="onnx"), "unknown backend"), (dict(backend="coreml"), "not a converted Core ML bundle")])
+    (dict(backend="onnx"), "unknown backend"), (dict(backend="coreml"), "is not a Core ML bundle"),
+    (dict(prediction_type="sample"), "unknown prediction type")])
 def test_bad_options(folders, kwargs, message):
     with pytest.raises(UserError, match=message):
         load_bundle(folders["base"], **kwargs)

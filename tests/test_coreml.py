@@ -67,7 +67,7 @@ def test_every_package_verifies(bundles, name):
 def test_unet_of_each_kind_and_variant(sources, tmp_path, name, variant, monkeypatch):
     import editsuite.convert.ane as ane
 
-    monkeypatch.setattr(ane, "QUERY_CHUNK", 24)  # so v2 really chunks the tiny model's queries
+    monkeypatch.setattr(ane, "V2_MAX_WEIGHTS", 1024)  # so v2 really chunks the tiny model's 64-token attention
     out = convert(sources[name], tmp_path / "b", attention=variant, components=["unet"])
     (check,) = verify(out)
     assert check.psnr_db >= THRESHOLD_DB, check.psnr_db
@@ -98,10 +98,28 @@ def test_manifest_describes_the_bundle(bundles, sources):
     assert all(o.shortDescription for o in spec.description.output)
 
 
-def test_chunks_hold_about_half_the_weights_each(bundles):
+def _first_chunk_share(unet) -> float:
+    from editsuite.convert.modules import _params, chunk_split
+
+    k = chunk_split(unet)
+    second = sum(_params(b) for b in unet.up_blocks[k:]) + _params(unet.conv_out) + _params(unet.conv_norm_out)
+    return 1 - second / _params(unet)
+
+
+def test_chunks_split_the_weights_as_evenly_as_the_blocks_allow(bundles, sources):
+    """The split falls between up blocks: SD 1.5's UNet (built empty from its config) gets 59 % / 41 %; the
+    tiny UNet, two up blocks, can only split 80 / 20, and its packages hold what the split says."""
+    import accelerate
+    from diffusers import UNet2DConditionModel
+
+    with accelerate.init_empty_weights():
+        sd15 = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(
+            Path(__file__).resolve().parents[1] / "editsuite" / "configs" / "sd-v1" / "unet"))
+    assert 0.4 < _first_chunk_share(sd15) < 0.65
     data = json.loads((bundles["sd1"] / "coreml-manifest.json").read_text())
     a, b = (data["packages"][n]["size_bytes"] for n in ("unet_chunk1", "unet_chunk2"))
-    assert 0.2 < a / (a + b) < 0.8
+    tiny = load_bundle(sources["sd1"], backend="torch", device="cpu", dtype="float32").backend.unet_model
+    assert abs(a / (a + b) - _first_chunk_share(tiny)) < 0.05
 
 
 def test_int8_weights_are_compressed_and_the_token_table_is_not(bundles, sources, tmp_path):
@@ -256,3 +274,30 @@ def test_cli_convert_verify_and_bad_options(sources, tmp_path, capsys):
         assert not (tmp_path / "bad").exists()
     assert main(["verify", str(tmp_path)]) == 2
     assert "is not a Core ML bundle" in capsys.readouterr().err
+
+
+def test_fast_fp16_overflow_check_answers_as_coremltools_does():
+    """convert replaces coremltools' slow check (does an fp32 weight hold values fp16 cannot?) with its own:
+    the same answer on every kind of value."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
+
+    from editsuite.convert.coreml import _fast_fp16_overflow_check
+
+    original = FP16ComputePrecision.__dict__["fp16_overflow"]
+    cases = [[1.0, -2.0], [70000.0, 1.0], [1.0, -70000.0], [np.inf, 1.0], [-np.inf, 3.0], [1e39, 2.0],
+             [-1e39, 70000.0], [np.nan, 3.0], [65504.0, -65504.0], [65505.0, 0.0]]
+    answers = []
+    for values in cases:
+        @mb.program(input_specs=[mb.TensorSpec(shape=(2,))])
+        def prog(x):
+            return mb.add(x=x, y=np.array(values, dtype=np.float32))
+
+        (add,) = [o for o in prog.functions["main"].operations if o.op_type == "add"]
+        expected = FP16ComputePrecision.fp16_overflow(add)
+        with _fast_fp16_overflow_check():
+            got = FP16ComputePrecision.fp16_overflow(add)
+        assert got == expected, (values, got, expected)
+        answers.append(got)
+    assert answers.count(True) >= 3 and answers.count(False) >= 3  # both answers were exercised
+    assert FP16ComputePrecision.__dict__["fp16_overflow"] is original  # coremltools' own again afterwards

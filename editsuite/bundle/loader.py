@@ -134,13 +134,16 @@ def load_bundle(
     config: str | os.PathLike | None = None,
     compute_units: str = "all",
     prediction_type: str | None = None,
+    modules: frozenset[str] | None = None,
 ) -> ModelBundle:
     """Load a model from a diffusers folder, a single-file checkpoint, a Core ML bundle or a hub id.
 
     `config` names a diffusers config folder: for a single-file checkpoint whose architecture differs from
     the shipped SD 1.x/2.x configs, or for a Core ML bundle converted by Apple's tools (scheduler, prediction
     type, latent scale, tokenizer). `prediction_type` (epsilon or v_prediction) overrides the model's.
-    `compute_units` picks where Core ML runs a Core ML bundle on macOS.
+    `compute_units` picks where Core ML runs a Core ML bundle on macOS. `modules` (a set of text_encoder, unet,
+    vae) loads only those weights from a diffusers folder; the others are built empty from their configs, for
+    tools that need one module (`convert` holds only the module it converts).
     """
     from editsuite.bundle.coreml_layout import is_coreml_folder
 
@@ -160,11 +163,11 @@ def load_bundle(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if path.is_dir():
-        bundle = _load_diffusers(path, str(path), dev, dt, local=True)
+        bundle = _load_diffusers(path, str(path), dev, dt, local=True, modules=modules)
     elif path.is_file():
         bundle = _load_single_file(path, dev, dt, allow_pickle=allow_pickle, config=config)
     elif _looks_like_hub_id(str(source)) and not path.suffix:
-        bundle = _load_diffusers(str(source), str(source), dev, dt, local=False)
+        bundle = _load_diffusers(str(source), str(source), dev, dt, local=False, modules=modules)
     else:
         raise UserError(f"model {source} not found; pass a diffusers folder, a .safetensors file or a hub id")
     if prediction_type is not None:
@@ -178,7 +181,7 @@ def _looks_like_hub_id(s: str) -> bool:
     return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~"))
 
 
-def _load_diffusers(location, source: str, device, dtype, *, local: bool) -> ModelBundle:
+def _load_diffusers(location, source: str, device, dtype, *, local: bool, modules=None) -> ModelBundle:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -200,11 +203,15 @@ def _load_diffusers(location, source: str, device, dtype, *, local: bool) -> Mod
             )
     kw = dict(local_files_only=local or os.environ.get("HF_HUB_OFFLINE") == "1")
     try:
-        unet = _low_memory(UNet2DConditionModel, location, "unet", dtype, local) or \
+        wanted = {"text_encoder", "unet", "vae"} if modules is None else set(modules)
+        unet = _empty(UNet2DConditionModel, location, "unet", kw) if "unet" not in wanted else \
+            _low_memory(UNet2DConditionModel, location, "unet", dtype, local) or \
             UNet2DConditionModel.from_pretrained(location, subfolder="unet", torch_dtype=dtype, **kw)
-        vae = _low_memory(AutoencoderKL, location, "vae", dtype, local) or \
+        vae = _empty(AutoencoderKL, location, "vae", kw) if "vae" not in wanted else \
+            _low_memory(AutoencoderKL, location, "vae", dtype, local) or \
             AutoencoderKL.from_pretrained(location, subfolder="vae", torch_dtype=dtype, **kw)
-        text_encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder", dtype=dtype, **kw)
+        text_encoder = _empty(CLIPTextModel, location, "text_encoder", kw) if "text_encoder" not in wanted else \
+            CLIPTextModel.from_pretrained(location, subfolder="text_encoder", dtype=dtype, **kw)
         tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **kw)
         scheduler_config = _scheduler_config(location, "scheduler", kw)
         low_res = None
@@ -230,6 +237,17 @@ def _load_diffusers(location, source: str, device, dtype, *, local: bool) -> Mod
     bundle = _assemble(unet, vae, text_encoder, tokenizer, scheduler_config, low_res, max_noise_level, device, dtype,
                        name=Path(str(location)).name, source=source, weights_path=weights)
     return bundle
+
+
+def _empty(cls, location, subfolder: str, kw):
+    """The module built from its config alone, its weights on the meta device: no memory, no reading."""
+    import accelerate
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with accelerate.init_empty_weights():
+        if cls is CLIPTextModel:
+            return CLIPTextModel(CLIPTextConfig.from_pretrained(location, subfolder=subfolder, **kw))
+        return cls.from_config(cls.load_config(location, subfolder=subfolder, **kw))
 
 
 SLICE_BYTES = 256 << 20

@@ -24,7 +24,10 @@ TILE_ABOVE_PIXELS = 1024 * 1024
 
 
 def _place(module, device, dtype):
-    """Eval mode, no grads, on `device` in `dtype` (cast only when needed: diffusers warns on any cast)."""
+    """Eval mode, no grads, on `device` in `dtype` (cast only when needed: diffusers warns on any cast).
+    A module left empty (`load_bundle(modules=...)`, weights on the meta device) stays as it is."""
+    if any(p.is_meta for p in module.parameters()):
+        return module.eval().requires_grad_(False)
     module = module.to(device)
     if module.dtype != dtype:
         module = module.to(dtype)

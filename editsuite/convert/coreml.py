@@ -19,6 +19,7 @@ same command again skips what is finished.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -168,12 +169,14 @@ def _convert_one(ct, module, inputs: dict, varying: dict | None, outputs: tuple[
         else:
             shape = tuple(value.shape)
         ct_inputs.append(ct.TensorType(name=name, shape=shape, dtype=_input_dtype(name, value)))
-    mlmodel = ct.convert(
-        # outputs float32, as Apple's packages give them (Swift and Python read them as Float32)
-        traced, inputs=ct_inputs, outputs=[ct.TensorType(name=o, dtype=np.float32) for o in outputs],
-        convert_to="mlprogram", compute_precision=ct.precision.FLOAT16,
-        # Core ML allows enumerated shapes on several inputs (chunk 2 at several sizes) from macOS 15 on
-        minimum_deployment_target=ct.target.macOS15 if n_varying > 1 else ct.target.macOS13, skip_model_load=True)
+    with _fast_fp16_overflow_check():
+        mlmodel = ct.convert(
+            # outputs float32, as Apple's packages give them (Swift and Python read them as Float32)
+            traced, inputs=ct_inputs, outputs=[ct.TensorType(name=o, dtype=np.float32) for o in outputs],
+            convert_to="mlprogram", compute_precision=ct.precision.FLOAT16,
+            # Core ML allows enumerated shapes on several inputs (chunk 2 at several sizes) from macOS 15 on
+            minimum_deployment_target=ct.target.macOS15 if n_varying > 1 else ct.target.macOS13,
+            skip_model_load=True)
     del traced
     if bits:
         mlmodel = compress(mlmodel, bits)
@@ -186,6 +189,33 @@ def _convert_one(ct, module, inputs: dict, varying: dict | None, outputs: tuple[
     mlmodel.version = model_version
     mlmodel.user_defined_metadata.update(metadata)
     return mlmodel
+
+
+@contextlib.contextmanager
+def _fast_fp16_overflow_check():
+    """coremltools' fp16 pass (add_fp16_cast) asks of every fp32 weight whether fp16 can hold its finite
+    values, with np.where over all its elements: int64 index arrays, four per element of a 4-D kernel.
+    On SD 1.5's UNet that took 59 of the conversion's 148 s and about 1 GB at the peak (measured). This
+    asks the same question (is any |value| < 1e38 above 65504?) with two masked reductions instead."""
+    from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
+
+    def fp16_overflow(op) -> bool:
+        for inputs in op.inputs.values():
+            for var in inputs if isinstance(inputs, (list, tuple)) else (inputs,):
+                if var.op is not None and var.op.op_type == "const" and var.is_tensor_or_scalar_of(dtype="fp32"):
+                    v = np.asarray(var.op.val.val).reshape(-1)
+                    high = np.max(v, where=v < 1e38, initial=0.0)
+                    low = np.min(v, where=v > -1e38, initial=0.0)
+                    if max(high, -low) > 65504:
+                        return True
+        return False
+
+    original = FP16ComputePrecision.__dict__["fp16_overflow"]
+    FP16ComputePrecision.fp16_overflow = staticmethod(fp16_overflow)
+    try:
+        yield
+    finally:
+        FP16ComputePrecision.fp16_overflow = original
 
 
 def _input_dtype(name: str, value: torch.Tensor):
@@ -232,12 +262,20 @@ def convert(source, out: str | os.PathLike, *, resolutions=(), attention: str = 
     unknown = [c for c in components if c not in COMPONENTS]
     if unknown:
         raise UserError(f"unknown component {unknown[0]!r}; use any of: {', '.join(COMPONENTS)}")
+    if attention == "split-einsum-v2" and len(set(resolutions)) > 1 and "unet" in (components or COMPONENTS):
+        raise UserError("split-einsum-v2 cuts attention into chunks that depend on the size, so its UNet holds one "
+                        "resolution; convert each --resolution into a bundle of its own, or use split-einsum")
     if model_version is not None and not re.fullmatch(r"[A-Za-z0-9._/-]+", model_version):
         raise UserError(f"--model-version {model_version!r} may hold only letters, digits, '.', '-', '_' and '/'")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder; pass another -o")
-    bundle = load_bundle(source, backend="torch", device="cpu", dtype="float32", allow_pickle=allow_pickle)
+    # float32: coremltools' TorchScript frontend converts fp32 graphs only (fp16 weights meet fp32 casts of
+    # the inputs); memory is kept down by holding only the module being converted, once (`_drop_unneeded`,
+    # `rewrite_unet` sharing the weights)
+    wanted = [p for c in (components or COMPONENTS) for p in parts(chunk_unet)[c]]
+    bundle = load_bundle(source, backend="torch", device="cpu", dtype="float32", allow_pickle=allow_pickle,
+                         modules=frozenset(_MODULE_OF[p] for p in wanted))
     m = bundle.manifest
     native = (m.native_resolution, m.native_resolution)
     # Apple's Python pipeline finds packages by the hub id or folder it loads the tokenizer from: a hub id
@@ -260,7 +298,6 @@ def convert(source, out: str | os.PathLike, *, resolutions=(), attention: str = 
         shutil.rmtree(out)
         old = None
     out.mkdir(parents=True, exist_ok=True)
-    wanted = [p for c in (components or COMPONENTS) for p in parts(chunk_unet)[c]]
     manifest = old or {
         "format": FORMAT, "model": identity, "settings": settings.to_dict(), "unet_batch": UNET_BATCH,
         "packages": {},
@@ -268,11 +305,13 @@ def convert(source, out: str | os.PathLike, *, resolutions=(), attention: str = 
     metadata = {META_KIND: m.kind.value, META_PREDICTION: m.prediction_type, META_LATENT_SCALE: str(m.scaling_factor),
                 META_VAE_FACTOR: str(m.vae_scale_factor)}
     _write_support_files(bundle, out)
-    for name in wanted:
+    _drop_unneeded(bundle, wanted)
+    for i, name in enumerate(wanted):
         file = package_name(version, name)
         path = out / file
         if name in manifest["packages"] and path.is_dir():
             say(f"{SWIFT_NAMES[name]}: already converted, skipped")
+            _drop_unneeded(bundle, wanted[i + 1:])
             continue
         t0 = time.time()
         say(f"{SWIFT_NAMES[name]}: tracing and converting")
@@ -283,6 +322,7 @@ def convert(source, out: str | os.PathLike, *, resolutions=(), attention: str = 
                                metadata, version)
         split = getattr(module, "split", None)
         del module
+        _drop_unneeded(bundle, wanted[i + 1:])
         tmp = out / f".partial-{file}"
         shutil.rmtree(tmp, ignore_errors=True)
         mlmodel.save(str(tmp))
@@ -305,6 +345,21 @@ def convert(source, out: str | os.PathLike, *, resolutions=(), attention: str = 
     if compile:
         compile_for_swift(out, {c: out / p["file"] for c, p in manifest["packages"].items()}, say)
     return out
+
+
+_MODULE_OF = {"text_encoder": "text_encoder", "unet": "unet", "unet_chunk1": "unet", "unet_chunk2": "unet",
+              "vae_encoder": "vae", "vae_decoder": "vae"}
+_ATTRIBUTE = {"text_encoder": "text_encoder", "unet": "unet_model", "vae": "vae"}  # on the torch backend
+
+
+def _drop_unneeded(bundle, remaining: list[str]) -> None:
+    """Let go of the source modules no remaining package needs: each conversion holds only its own."""
+    import gc
+
+    needed = {_MODULE_OF[p] for p in remaining}
+    for module in set(_ATTRIBUTE) - needed:
+        setattr(bundle.backend, _ATTRIBUTE[module], None)
+    gc.collect()
 
 
 def compile_for_swift(out: Path, packages: dict[str, Path], say: Callable[[str], None]) -> Path:

@@ -142,14 +142,16 @@ class Unet(nn.Module):
             self.inputs, self.outputs = ("hidden_states", "temb", "encoder_hidden_states", *left), ("noise_pred",)
 
     def _embed(self, sample, timestep, class_labels):
+        """The time (and class) embedding at rank 4, (B, C, 1, 1), as the rewritten resnets take it: one
+        reshape here instead of one per resnet."""
         u = self.unet
-        emb = u.time_embedding(u.time_proj(timestep).to(sample.dtype))
+        emb = u.time_embedding(u.time_proj(timestep).to(sample.dtype)[:, :, None, None])
         if u.class_embedding is not None:
             if u.config.class_embed_type == "timestep":
-                class_labels = u.time_proj(class_labels).to(sample.dtype)
+                labels = u.class_embedding(u.time_proj(class_labels).to(sample.dtype)[:, :, None, None])
             else:
-                class_labels = class_labels.long()
-            emb = emb + u.class_embedding(class_labels).to(sample.dtype)
+                labels = u.class_embedding(class_labels.long()).to(sample.dtype)[:, :, None, None]
+            emb = emb + labels
         return emb
 
     def _up(self, x, emb, ctx, res, blocks):
