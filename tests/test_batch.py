@@ -89,6 +89,10 @@ base = 5
     (("folder = \"out\"", "folder = \"out\"\nname = \"{stem}.exe\""), "not a file name inside output.folder"),
     (("folder = \"out\"", "folder = \"out\"\nname = \"{user}.png\""), "not {user}"),
     (("folder = \"out\"", "folder = \"out\"\nname = \"same.png\""), "gives 'same.png' to both"),
+    (("folder = \"out\"", "folder = \"out\"\nname = \"{seed:>99999999}.png\""), "widths are at most 64"),
+    (("folder = \"out\"", "folder = \"out\"\nname = \"{stem}" + "x" * 250 + ".png\""), "at most 200 bytes"),
+    (("steps = 4", "steps = 4\nguidance_scale = nan"), "guidance scale must be between 0 and 100 (got nan)"),
+    (("steps = 4", "steps = 4\nguidance_scale = inf"), "guidance scale must be between 0 and 100 (got inf)"),
     (("base = 5", "base = -1"), "seed.base = -1 is not allowed"),
     (("base = 5", "mode = \"random\""), "seed.mode = 'random' is not allowed: derived or fixed"),
     (("images = [\"in/*.png\"]", "images = [\"nowhere/\"]"), "inputs.images entry 'nowhere/': no such file"),
@@ -257,3 +261,36 @@ def test_inpaint_masks_by_name_missing_or_mismatched_are_bad_items(tmp_path, cap
     err = capsys.readouterr().err
     assert "1 done, 0 finished before, 2 failed" in err
     assert "scene02.png' not found" in err and "mask" in err
+
+
+def test_journal_is_never_followed_through_a_link_and_foreign_temporaries_stay(tmp_path, capsys):
+    """A link planted as the journal is refused (the file it points to is untouched); a file named like a
+    temporary that this recipe did not write survives the run; a journal line whose item is not a name is
+    skipped, not a traceback."""
+    _scenes(tmp_path / "in", 1)
+    path = _write_recipe(tmp_path, BASE.replace("steps = 4", "steps = 2"))
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (out / JOURNAL).symlink_to(victim)
+    (out / ".abcdefgh.tmp").write_text("not editsuite's")
+    assert main(["batch", str(path), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a plain file" in err[0], err
+    assert victim.read_text() == "keep me"
+    (out / JOURNAL).unlink()
+    fingerprint = load_recipe(path).fingerprint()
+    (out / JOURNAL).write_text(json.dumps({"fingerprint": fingerprint, "item": ["a", "list"]}) + "\n")
+    assert main(["batch", str(path), "-q"]) == 0
+    assert (out / ".abcdefgh.tmp").read_text() == "not editsuite's"
+    assert len(list(out.glob("*.png"))) == 1
+
+
+def test_journal_that_is_a_folder_is_one_line(tmp_path, capsys):
+    _scenes(tmp_path / "in", 1)
+    path = _write_recipe(tmp_path, BASE)
+    (tmp_path / "out" / JOURNAL).mkdir(parents=True)
+    assert main(["batch", str(path), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a plain file" in err[0], err

@@ -68,3 +68,28 @@ def test_task_refuses_wrong_kind(folders):
     b = load_bundle(folders["inpainting"], device="cpu")
     with pytest.raises(UserError, match="txt2img needs a base model"):
         editsuite.Txt2Img(b)
+
+
+def test_diffusers_folder_with_pickle_weights_needs_allow_pickle(tmp_path):
+    """A UNet saved as diffusion_pytorch_model.bin is a pickle: refused as a .ckpt is, loaded with allow_pickle."""
+    from tiny import tiny_components
+    from diffusers import StableDiffusionPipeline
+
+    folder = tmp_path / "pickled"
+    StableDiffusionPipeline(**tiny_components("base"), safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folder, safe_serialization=False)
+    assert (folder / "unet" / "diffusion_pytorch_model.bin").is_file()
+    with pytest.raises(UserError, match="is a pickle.*--allow-pickle"):
+        load_bundle(folder, device="cpu")
+    assert load_bundle(folder, device="cpu", allow_pickle=True).kind is ModelKind.BASE
+
+
+def test_compute_units_on_a_pytorch_model_says_it_does_not_apply(folders, tmp_path, capsys):
+    from editsuite.cli.app import main
+
+    out = tmp_path / "o.png"
+    assert main(["txt2img", "-p", "x", "-m", str(folders["base"]), "--compute-units", "cpu-and-ne", "-o", str(out),
+                 "--steps", "1", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--compute-units applies to Core ML bundles only" in err[0], err
+    assert not out.exists()

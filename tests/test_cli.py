@@ -233,3 +233,29 @@ def test_no_model_and_no_demo_says_what_to_pass(work, capsys, monkeypatch):
 
     monkeypatch.setattr(editsuite.demo, "demo_model", lambda kind: None)
     _bad(work, capsys, ["txt2img", "-p", "x", *FAST], "--model")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e308", "-1"])
+def test_bad_guidance_is_refused_before_anything_runs(models, work, capsys, value):
+    _bad(work, capsys, ["txt2img", "-p", "x", "-m", models["base"], "-g", value, *FAST], "guidance scale")
+
+
+def test_a_picture_with_nan_is_never_saved(models, work, capsys, monkeypatch):
+    """Whatever overflows inside the model, a NaN or infinite picture is refused, not saved flat."""
+    from editsuite.bundle.torch_backend import TorchBackend
+
+    real = TorchBackend.vae_decode
+    monkeypatch.setattr(TorchBackend, "vae_decode", lambda self, z: real(self, z) * float("nan"))
+    _bad(work, capsys, ["txt2img", "-p", "x", "-m", models["base"], *FAST], "NaN or infinite")
+
+
+def test_a_fifo_as_input_is_refused_not_waited_on(models, work, capsys):
+    import os
+
+    os.mkfifo(work / "pipe.png")
+    _bad(work, capsys, ["img2img", "pipe.png", "-p", "x", "-m", models["base"], *FAST], "not a regular file")
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line(models, work, capsys):
+    # what Python makes of argv bytes that are not UTF-8: lone surrogates
+    _bad(work, capsys, ["txt2img", "-p", "a b\udcff\udcfe", "-m", models["base"], *FAST], "not UTF-8")

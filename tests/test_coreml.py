@@ -301,3 +301,72 @@ def test_fast_fp16_overflow_check_answers_as_coremltools_does():
         answers.append(got)
     assert answers.count(True) >= 3 and answers.count(False) >= 3  # both answers were exercised
     assert FP16ComputePrecision.__dict__["fp16_overflow"] is original  # coremltools' own again afterwards
+
+
+def test_overwrite_replaces_only_what_editsuite_wrote(sources, tmp_path):
+    """--overwrite of a folder that also holds the user's files (and the source model itself) replaces the
+    bundle editsuite wrote there, finished beside it first, and nothing else."""
+    out = tmp_path / "b"
+    convert(sources["sd1"], out, components=["text_encoder"])
+    (out / "notes.txt").write_text("mine")
+    shutil.copytree(sources["sd1"], out / "model")
+    (out / "Resources").mkdir()
+    (out / "Resources" / "mine.txt").write_text("mine too")
+    convert(out / "model", out, components=["text_encoder", "vae_decoder"], attention="original", overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "Resources" / "mine.txt").is_file()
+    assert load_bundle(out / "model", backend="torch", device="cpu").kind.value == "base"  # the source is intact
+    data = json.loads((out / "coreml-manifest.json").read_text())
+    assert data["settings"]["attention"] == "original" and data["settings"]["model_version"] == "model"
+    assert set(find_models(out).paths) == {"text_encoder", "vae_decoder"}
+    assert not list(out.glob("*sd1*")) and not list(tmp_path.glob(".b.converting-*"))  # old packages, staging gone
+
+
+def test_rerun_repairs_a_half_written_tokenizer_and_package(sources, tmp_path):
+    said = []
+    out = convert(sources["sd1"], tmp_path / "b", components=["text_encoder"])
+    (out / "tokenizer" / "tokenizer_config.json").unlink()
+    te = find_models(out).paths["text_encoder"]
+    (te / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").unlink()
+    convert(sources["sd1"], out, components=["text_encoder"], progress=said.append)
+    assert "TextEncoder: already converted, skipped" not in said  # its weights were gone: converted again
+    assert (te / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").is_file()
+    assert load_bundle(out).tokenizer("a red circle").input_ids == \
+        load_bundle(sources["sd1"], backend="torch", device="cpu").tokenizer("a red circle").input_ids
+
+
+def _tamper(name):
+    def edit(data, out):
+        model = data["model"]
+        if name == "key missing":
+            del model["kind"]
+        elif name == "unknown kind":
+            model["kind"] = "sdxl-turbo"
+        elif name == "extra field":
+            model["colour"] = "blue"
+        elif name == "absurd resolution":
+            data["settings"]["resolutions"] = [[1000000000, 64]]
+        elif name == "package deleted":
+            shutil.rmtree(out / data["packages"]["unet"]["file"])
+        elif name == "no scheduler":
+            shutil.rmtree(out / "scheduler")
+        elif name == "wrong type":
+            model["unet_in_channels"] = "nine"
+        return [1, 2] if name == "JSON list" else data
+    return edit
+
+
+@pytest.mark.parametrize("name,message", [
+    ("key missing", "model.kind is missing"), ("JSON list", "not an editsuite manifest"),
+    ("unknown kind", "model.kind 'sdxl-turbo'"), ("extra field", "unknown field model.colour"),
+    ("absurd resolution", "out of range"), ("package deleted", "is missing"),
+    ("no scheduler", "scheduler_config.json is missing"), ("wrong type", "model.unet_in_channels has the wrong type")])
+def test_damaged_manifest_is_a_one_line_error(bundles, tmp_path, capsys, name, message):
+    from editsuite.cli.app import main
+
+    out = tmp_path / "b"
+    shutil.copytree(bundles["inpainting"], out)
+    path = out / "coreml-manifest.json"
+    path.write_text(json.dumps(_tamper(name)(json.loads(path.read_text()), out)))
+    assert main(["info", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

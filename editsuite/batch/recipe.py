@@ -35,6 +35,7 @@ import hashlib
 import inspect
 import json
 import os
+import re
 import string
 import tomllib
 import types
@@ -343,13 +344,19 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def _check_pattern(label: str, key: str, pattern: str, fields: set) -> None:
     try:
-        used = [f for _, f, _, _ in string.Formatter().parse(pattern) if f is not None]
+        parsed = list(string.Formatter().parse(pattern))
     except ValueError as e:
         _fail(label, key, pattern, f"a pattern with {{fields}} ({e})")
+    used = [f for _, f, _, _ in parsed if f is not None]
+    widths = [int(n) for _, _, spec, _ in parsed if spec for n in re.findall(r"\d+", spec)]
+    if any(w > 64 for w in widths):  # "{seed:>99999999}" would build a 100 MB name
+        _fail(label, key, pattern, "a pattern whose widths are at most 64")
     bad = [f for f in used if f not in fields]
     if bad:
         _fail(label, key, pattern, f"fields are {', '.join('{' + f + '}' for f in sorted(fields))}, not {{{bad[0]}}}")
     try:
-        pattern.format(**{f: 0 if f in ("index", "seed") else "x" for f in fields})
+        sample = pattern.format(**{f: 0 if f in ("index", "seed") else "x" for f in fields})
     except (ValueError, IndexError, KeyError) as e:
         _fail(label, key, pattern, f"a valid pattern ({e})")
+    if len(sample.encode("utf-8", "surrogateescape")) > 200:  # file systems allow 255 bytes a name
+        _fail(label, key, pattern, "a pattern giving names of at most 200 bytes")

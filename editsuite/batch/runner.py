@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -26,7 +25,7 @@ from editsuite.batch.recipe import Item, Recipe
 from editsuite.errors import UserError
 
 JOURNAL = ".editsuite-batch.jsonl"
-_TEMP = re.compile(r"^\.[A-Za-z0-9_]{8}\.tmp$")  # save_atomic's temporary files
+TEMP_PREFIX = ".editsuite-batch-{fingerprint}-"  # this recipe's temporary files: only these are cleaned up
 
 
 @dataclasses.dataclass
@@ -43,9 +42,15 @@ class Journal:
         self.path = folder / JOURNAL
         self.fingerprint = fingerprint
 
+    def _check(self) -> None:
+        """The journal is a plain file or nothing: a link planted there would have it append elsewhere."""
+        if self.path.is_symlink() or (self.path.exists() and not self.path.is_file()):
+            raise UserError(f"{self.path} is not a plain file (a link or a folder); remove it and run again")
+
     def finished(self) -> dict[str, dict]:
         """The last record of every item, from runs of this same recipe."""
         out: dict[str, dict] = {}
+        self._check()
         if not self.path.is_file():
             return out
         for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -53,14 +58,19 @@ class Journal:
                 rec = json.loads(line)
             except ValueError:  # a line torn by a kill
                 continue
-            if isinstance(rec, dict) and rec.get("fingerprint") == self.fingerprint and "item" in rec:
+            if isinstance(rec, dict) and rec.get("fingerprint") == self.fingerprint and isinstance(rec.get("item"), str):
                 out[rec["item"]] = rec
         return out
 
     def record(self, **fields) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps({"fingerprint": self.fingerprint, "time": round(time.time(), 3), **fields}) + "\n"
-        with open(self.path, "a", encoding="utf-8") as f:
+        self._check()
+        try:  # O_NOFOLLOW: a link put there between the check and the open is refused too
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        except OSError as e:
+            raise UserError(f"cannot write the journal {self.path} ({e.strerror}); it must be a plain file") from None
+        with os.fdopen(fd, "a", encoding="utf-8") as f:
             if f.tell() and not self._ends_with_newline():
                 f.write("\n")  # after a torn line, start clean
             f.write(line)
@@ -92,6 +102,7 @@ class Batch:
         self.items: list[Item] = recipe.items()
         self.fingerprint = recipe.fingerprint()
         self.journal = Journal(recipe.folder, self.fingerprint)
+        self.temp_prefix = TEMP_PREFIX.format(fingerprint=self.fingerprint[:16])
 
     def plan(self, records: dict | None = None) -> list[tuple[Item, str]]:
         """(item, action) for every item: "run", "finished" (done before) or "exists" (a file in the way)."""
@@ -121,7 +132,7 @@ class Batch:
     def _clean_temporaries(self) -> None:
         if self.recipe.folder.is_dir():
             for p in self.recipe.folder.iterdir():
-                if _TEMP.match(p.name):
+                if p.name.startswith(self.temp_prefix) and p.name.endswith(".tmp") and p.is_file():
                     p.unlink(missing_ok=True)
 
     def _precheck(self, item: Item) -> None:
@@ -205,5 +216,6 @@ class Batch:
         from editsuite.imaging.metadata import png_info, png_settings
         from editsuite.imaging.output import save_atomic
 
-        save_atomic(image, item.output, pnginfo=png_info(png_settings(settings)), overwrite=self.overwrite)
+        save_atomic(image, item.output, pnginfo=png_info(png_settings(settings)), overwrite=self.overwrite,
+                    temp_prefix=self.temp_prefix)
         self.journal.record(item=item.key, status="done", output=item.output.name, seed=item.seed)

@@ -21,8 +21,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from editsuite.bundle.coreml_layout import (FORMAT, META_LATENT_SCALE, META_PREDICTION, META_VAE_FACTOR,
-                                            Description, Models, describe, find_models, read_manifest)
+from editsuite.bundle.coreml_layout import (META_LATENT_SCALE, META_PREDICTION, META_VAE_FACTOR, Description,
+                                            Models, check_manifest, describe, find_models, read_manifest)
 from editsuite.errors import UserError
 
 COMPUTE_UNITS = {"all": "ALL", "cpu-and-ne": "CPU_AND_NE", "cpu-and-gpu": "CPU_AND_GPU", "cpu-only": "CPU_ONLY"}
@@ -263,9 +263,8 @@ def load_coreml_bundle(folder: str | Path, *, compute_units: str = "all", config
         raise UserError(f"unknown compute units {compute_units!r}; use one of: {', '.join(COMPUTE_UNITS)}")
     root = Path(folder).expanduser()
     data = read_manifest(root)
-    if data is not None and data.get("format") != FORMAT:
-        raise UserError(f"{root} was converted by an older editsuite, before bundles took Apple's layout; "
-                        f"convert it again with `editsuite convert MODEL -o {root} --overwrite`")
+    if data is not None:
+        check_manifest(data, root)
     models = find_models(root)
     if models is None:
         raise UserError(f"{root} holds no Core ML models named as Apple's tools name them "

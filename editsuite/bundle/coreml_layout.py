@@ -185,7 +185,8 @@ def _describe_compiled(path: Path) -> Description:
 
 
 def read_manifest(root: Path) -> dict | None:
-    """editsuite's manifest of a bundle it converted, or None (Apple's bundles have none)."""
+    """editsuite's manifest of a bundle it converted (a JSON object, not yet checked: `check_manifest`), or
+    None (Apple's bundles have none)."""
     path = Path(root) / MANIFEST
     if not path.is_file():
         return None
@@ -195,4 +196,71 @@ def read_manifest(root: Path) -> dict | None:
         raise UserError(f"{path} cannot be read ({e}); remove it or convert into another folder") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} is not an editsuite manifest; remove it or convert into another folder")
+    return data
+
+
+_MODEL_FIELDS = {  # editsuite's manifest "model": field -> (types, required)
+    "kind": (str, True), "unet_in_channels": (int, True), "latent_channels": (int, True),
+    "prediction_type": (str, True), "scaling_factor": ((int, float), True), "vae_scale_factor": (int, True),
+    "native_resolution": (int, True), "cross_attention_dim": (int, True), "scheduler": (str, True),
+    "name": (str, False), "model_hash": (str, False), "source": (str, False), "max_noise_level": ((int, type(None)), False),
+}
+MAX_SIDE = 16384
+
+
+def check_manifest(data: dict, root: Path) -> dict:
+    """editsuite's manifest, every field checked (a damaged or hand-edited one is a one-line error, never a
+    traceback); returns it. Also checks that the packages it lists and scheduler/ are there."""
+    import math
+
+    path = Path(root) / MANIFEST
+
+    def bad(what: str):
+        raise UserError(f"{path}: {what}; convert the model again into a new folder (or with --overwrite)")
+
+    if data.get("format") != FORMAT:
+        if isinstance(data.get("format"), int) and data["format"] < FORMAT:
+            raise UserError(f"{root} was converted by an older editsuite, before bundles took Apple's layout; "
+                            f"convert it again with `editsuite convert MODEL -o {root} --overwrite`")
+        bad(f"format {data.get('format')!r} is not {FORMAT}")
+    model, settings, packages = data.get("model"), data.get("settings"), data.get("packages")
+    if not isinstance(model, dict) or not isinstance(settings, dict) or not isinstance(packages, dict):
+        bad("'model', 'settings' and 'packages' must be JSON objects")
+    extra = sorted(set(model) - set(_MODEL_FIELDS))
+    if extra:
+        bad(f"unknown field model.{extra[0]}")
+    for key, (types, required) in _MODEL_FIELDS.items():
+        if key not in model:
+            if required:
+                bad(f"model.{key} is missing")
+            continue
+        if not isinstance(model[key], types) or isinstance(model[key], bool):
+            bad(f"model.{key} has the wrong type ({type(model[key]).__name__})")
+    if model["kind"] not in ("base", "inpainting", "x4-upscaler"):
+        bad(f"model.kind {model['kind']!r} is not base, inpainting or x4-upscaler")
+    if model["prediction_type"] not in ("epsilon", "v_prediction"):
+        bad(f"model.prediction_type {model['prediction_type']!r} is not epsilon or v_prediction")
+    if not (math.isfinite(model["scaling_factor"]) and 0 < model["scaling_factor"] < 100):
+        bad(f"model.scaling_factor {model['scaling_factor']!r} is out of range")
+    for key in ("unet_in_channels", "latent_channels", "cross_attention_dim", "native_resolution"):
+        if not 0 < model[key] <= 1 << 16:
+            bad(f"model.{key} {model[key]} is out of range")
+    if model["vae_scale_factor"] not in (1, 2, 4, 8, 16, 32):
+        bad(f"model.vae_scale_factor {model['vae_scale_factor']} is not a power of two up to 32")
+    sizes = settings.get("resolutions")
+    if not isinstance(sizes, list) or not sizes or not all(
+            isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in r)
+            for r in sizes):
+        bad("settings.resolutions must be a list of [width, height] pairs")
+    for w, h in sizes:
+        if not (0 < w <= MAX_SIDE and 0 < h <= MAX_SIDE):
+            bad(f"resolution {w}x{h} is out of range (1 to {MAX_SIDE} pixels a side)")
+    if not isinstance(settings.get("chunk_unet", False), bool):
+        bad("settings.chunk_unet must be true or false")
+    for key, entry in packages.items():
+        file = entry.get("file") if isinstance(entry, dict) else None
+        if not isinstance(file, str) or Path(file).name != file or not (Path(root) / file).is_dir():
+            bad(f"the package {key} it lists ({file}) is missing")
+    if not (Path(root) / "scheduler" / "scheduler_config.json").is_file():
+        bad("scheduler/scheduler_config.json is missing")
     return data

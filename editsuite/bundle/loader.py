@@ -163,11 +163,12 @@ def load_bundle(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if path.is_dir():
-        bundle = _load_diffusers(path, str(path), dev, dt, local=True, modules=modules)
+        bundle = _load_diffusers(path, str(path), dev, dt, local=True, modules=modules, allow_pickle=allow_pickle)
     elif path.is_file():
         bundle = _load_single_file(path, dev, dt, allow_pickle=allow_pickle, config=config)
     elif _looks_like_hub_id(str(source)) and not path.suffix:
-        bundle = _load_diffusers(str(source), str(source), dev, dt, local=False, modules=modules)
+        bundle = _load_diffusers(str(source), str(source), dev, dt, local=False, modules=modules,
+                                 allow_pickle=allow_pickle)
     else:
         raise UserError(f"model {source} not found; pass a diffusers folder, a .safetensors file or a hub id")
     if prediction_type is not None:
@@ -181,7 +182,24 @@ def _looks_like_hub_id(s: str) -> bool:
     return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~"))
 
 
-def _load_diffusers(location, source: str, device, dtype, *, local: bool, modules=None) -> ModelBundle:
+def _refuse_pickles(location: Path, allow_pickle: bool) -> None:
+    """A diffusers folder whose weights are pickles (diffusion_pytorch_model.bin, pytorch_model.bin) is
+    refused as a .ckpt is: loading a pickle can run code. With allow_pickle, diffusers loads them (it reads
+    .bin files with torch.load(weights_only=True))."""
+    from editsuite.bundle.single_file import PICKLE_SUFFIXES
+
+    for sub in ("unet", "vae", "text_encoder"):
+        folder = location / sub
+        if allow_pickle or not folder.is_dir() or any(folder.glob("*.safetensors")):
+            continue
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise UserError(f"{folder / pickles[0]} is a pickle, and loading a pickle file can run arbitrary code; "
+                            "convert the model to .safetensors, or pass --allow-pickle if you trust where it came from")
+
+
+def _load_diffusers(location, source: str, device, dtype, *, local: bool, modules=None,
+                    allow_pickle: bool = False) -> ModelBundle:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -201,6 +219,7 @@ def _load_diffusers(location, source: str, device, dtype, *, local: bool, module
             raise UserError(
                 f"{location} is not a Stable Diffusion model folder: model_index.json has no {', '.join(missing)}"
             )
+        _refuse_pickles(Path(location), allow_pickle)
     kw = dict(local_files_only=local or os.environ.get("HF_HUB_OFFLINE") == "1")
     try:
         wanted = {"text_encoder", "unet", "vae"} if modules is None else set(modules)

@@ -113,6 +113,11 @@ def _load(job: Job, quiet: bool):
                             "diffusers folder, a .safetensors checkpoint or a hub id")
         if not quiet:
             typer.echo(NOTICE.format(kind=TASK_KIND[job.task].value), err=True)
+    from editsuite.bundle.coreml_layout import is_coreml_folder
+
+    if job.opt("compute_units", "all") != "all" and not is_coreml_folder(Path(model).expanduser()):
+        raise UserError(f"--compute-units applies to Core ML bundles only (it picks where Core ML runs them); {model} "
+                        "runs in PyTorch: leave it out, or use --device")
     bundle = load_bundle(model, backend=job.opt("backend"), device=job.opt("device"), dtype=job.opt("dtype"),
                          allow_pickle=job.opt("allow_pickle"), compute_units=job.opt("compute_units", "all"),
                          config=job.opt("config"), prediction_type=job.opt("prediction_type"))

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -270,6 +271,18 @@ def convert(source, out: str | os.PathLike, *, resolutions=(), attention: str = 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder; pass another -o")
+    old = read_manifest(out)
+    if old is not None and overwrite:  # the new bundle beside the old, then swapped in: nothing else is touched
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
+        try:
+            convert(source, staging, resolutions=resolutions, attention=attention, quantize_bits=quantize_bits,
+                    chunk_unet=chunk_unet, components=components, allow_pickle=allow_pickle,
+                    model_version=model_version,
+                    compile=compile, progress=progress)
+            _swap_in(staging, out, old)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return out
     # float32: coremltools' TorchScript frontend converts fp32 graphs only (fp16 weights meet fp32 casts of
     # the inputs); memory is kept down by holding only the module being converted, once (`_drop_unneeded`,
     # `rewrite_unet` sharing the weights)
@@ -289,14 +302,10 @@ def convert(source, out: str | os.PathLike, *, resolutions=(), attention: str = 
     if Path(str(source)).exists():  # verify and reruns find the source from any folder
         identity["source"] = str(Path(source).resolve())
 
-    old = read_manifest(out)
-    if old is not None and not overwrite:
+    if old is not None:
         if old.get("settings") != settings.to_dict() or old.get("model", {}).get("model_hash") != identity["model_hash"]:
             raise UserError(f"{out} holds a conversion with other settings or another model; pass --overwrite to "
                             "replace it or choose another -o")
-    if old is not None and overwrite:
-        shutil.rmtree(out)
-        old = None
     out.mkdir(parents=True, exist_ok=True)
     manifest = old or {
         "format": FORMAT, "model": identity, "settings": settings.to_dict(), "unet_batch": UNET_BATCH,
@@ -309,7 +318,7 @@ def convert(source, out: str | os.PathLike, *, resolutions=(), attention: str = 
     for i, name in enumerate(wanted):
         file = package_name(version, name)
         path = out / file
-        if name in manifest["packages"] and path.is_dir():
+        if name in manifest["packages"] and package_complete(path):
             say(f"{SWIFT_NAMES[name]}: already converted, skipped")
             _drop_unneeded(bundle, wanted[i + 1:])
             continue
@@ -345,6 +354,52 @@ def convert(source, out: str | os.PathLike, *, resolutions=(), attention: str = 
     if compile:
         compile_for_swift(out, {c: out / p["file"] for c, p in manifest["packages"].items()}, say)
     return out
+
+
+def package_complete(path: Path) -> bool:
+    """Whether an .mlpackage holds every file its Manifest.json lists (a rerun skips only complete ones)."""
+    try:
+        items = json.loads((path / "Manifest.json").read_text())["itemInfoEntries"].values()
+        found = [path / "Data" / item["path"] for item in items]
+        return bool(found) and all(f.is_file() or (f.is_dir() and any(f.iterdir())) for f in found)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def owned_names(manifest: dict) -> list[str]:
+    """What editsuite wrote in a bundle folder, by its manifest: the packages it lists and the support files
+    (paths relative to the folder). Anything else there is the user's."""
+    names = [MANIFEST, "tokenizer", "scheduler", "low_res_scheduler", "vocab.json", "merges.txt"]
+    packages = manifest.get("packages") if isinstance(manifest.get("packages"), dict) else {}
+    for key, entry in packages.items():
+        file = entry.get("file") if isinstance(entry, dict) else None
+        names.append(file if isinstance(file, str) else f"{key}.mlpackage")  # format 1 named packages by key
+    names += [f"Resources/{n}.mlmodelc" for n in SWIFT_NAMES.values()] + ["Resources/vocab.json",
+                                                                           "Resources/merges.txt"]
+    # a tampered manifest must not name anything outside the folder
+    return [n for n in dict.fromkeys(names) if ".." not in Path(n).parts and not Path(n).is_absolute()]
+
+
+def _swap_in(staging: Path, out: Path, old: dict) -> None:
+    """Replace what editsuite wrote in `out` (per its old manifest) by the finished bundle in `staging`."""
+    new = [str(p.relative_to(staging)) for p in staging.rglob("*") if p.parent == staging or
+           (p.parent.name == "Resources" and p.parent.parent == staging)]
+    mine = set(owned_names(old)) | {"Resources"}
+    foreign = [n for n in new if (out / n).exists() and n not in mine]
+    if foreign:
+        raise UserError(f"{out / foreign[0]} is not part of the bundle editsuite wrote there; move it or choose "
+                        "another -o")
+    for name in owned_names(old):
+        target = out / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+    for name in sorted(new, key=lambda n: n.count("/")):  # top level first; Resources/ items after it
+        if name == "Resources" and (out / name).is_dir():
+            continue  # the user's files in Resources/ stay; its compiled models move in one by one
+        if (staging / name).exists():
+            os.replace(staging / name, out / name)
 
 
 _MODULE_OF = {"text_encoder": "text_encoder", "unet": "unet", "unet_chunk1": "unet", "unet_chunk2": "unet",
@@ -404,8 +459,12 @@ def write_vocab_and_merges(tokenizer, folder: Path) -> None:
 
 
 def _write_support_files(bundle, out: Path) -> None:
-    if not (out / "tokenizer").is_dir():
-        bundle.tokenizer.save_pretrained(out / "tokenizer")
+    """Written anew on every run (they are small), each folder complete before it replaces the old one."""
+    staging = out / ".tokenizer.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    bundle.tokenizer.save_pretrained(staging)
+    shutil.rmtree(out / "tokenizer", ignore_errors=True)
+    os.replace(staging, out / "tokenizer")
     write_vocab_and_merges(bundle.tokenizer, out)
     (out / "scheduler").mkdir(exist_ok=True)
     _write_json(out / "scheduler" / "scheduler_config.json", dict(bundle.scheduler_config))

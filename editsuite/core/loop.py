@@ -100,6 +100,9 @@ def encode_image(bundle, pixels: torch.Tensor, generator: torch.Generator) -> to
 def decode(bundle, latents: torch.Tensor) -> list:
     """Scaled latents (B, 4, h, w) -> list of PIL images."""
     pixels = bundle.backend.vae_decode(latents / bundle.manifest.scaling_factor)
+    if not torch.isfinite(pixels).all():  # a NaN would be saved as a flat picture that looks like a result
+        raise UserError("the model's output holds NaN or infinite values, so no picture was made; lower the "
+                        "guidance or the strength, or run with --dtype float32")
     return image_processor(bundle).postprocess(pixels.float(), output_type="pil")
 
 

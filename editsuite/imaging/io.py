@@ -126,6 +126,8 @@ def _open_header(path: Path, label: str, max_pixels: int) -> Image.Image:
         raise UserError(f"{label} not found; check the path")
     if path.is_dir():
         raise UserError(f"{label} is a folder, not an image file")
+    if not path.is_file():  # a FIFO, socket or device: opening one can block forever
+        raise UserError(f"{label} is not a regular file (a pipe or device?); save the image to a file first")
 
     try:
         with _pillow_limit_at_least(max_pixels):

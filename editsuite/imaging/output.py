@@ -39,6 +39,7 @@ def save_atomic(
     *,
     pnginfo: PngImagePlugin.PngInfo | None = None,
     overwrite: bool = False,
+    temp_prefix: str = ".",
 ) -> Path:
     """Save `image` to `path` atomically and return the path written.
 
@@ -51,7 +52,8 @@ def save_atomic(
     Without `overwrite`, an existing `path` is a `UserError` raised before anything is written,
     and the final step (a hard link, which fails if the name exists) cannot replace a file that
     appeared meanwhile. With `overwrite`, the file is replaced in one step (`os.replace`). The
-    temporary file is removed whatever fails.
+    temporary file is removed whatever fails. `temp_prefix` names it, so that a caller can later tell its
+    own leftovers (after a kill) from anyone else's files.
     """
     path = Path(path)
     if not path.suffix:
@@ -71,7 +73,7 @@ def save_atomic(
     params = _save_params(fmt, pnginfo)
 
     try:
-        tmp = tempfile.NamedTemporaryFile(dir=folder, delete=False, prefix=".", suffix=".tmp")
+        tmp = tempfile.NamedTemporaryFile(dir=folder, delete=False, prefix=temp_prefix, suffix=".tmp")
     except OSError as exc:
         raise UserError(f"cannot write to folder '{folder}' ({_reason(exc)})") from exc
     tmp_path = Path(tmp.name)

@@ -16,6 +16,7 @@ from editsuite.errors import UserError
 
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 7.5
+MAX_GUIDANCE = 100.0  # far above any useful scale (AUTOMATIC1111's slider stops at 30); refuses inf and 1e308
 MAX_SEED = 2**32 - 1  # the seed range other SD tools use, so seeds can be shared
 
 
@@ -45,8 +46,15 @@ class Common:
             raise UserError(f"steps must be at least 1 (got {self.steps})")
         if self.num_images < 1:
             raise UserError(f"num_images must be at least 1 (got {self.num_images})")
-        if self.guidance_scale < 0:
-            raise UserError(f"guidance scale must be 0 or more (got {self.guidance_scale})")
+        if not 0 <= self.guidance_scale <= MAX_GUIDANCE:  # refuses NaN too: every comparison with it is false
+            raise UserError(f"guidance scale must be between 0 and {MAX_GUIDANCE:g} (got {self.guidance_scale})")
+        for name, text in (("prompt", self.prompt), ("negative prompt", self.negative_prompt)):
+            try:
+                (text or "").encode("utf-8")
+            except UnicodeEncodeError:  # bytes the shell could not decode arrive as lone surrogates
+                raise UserError(f"the {name} holds bytes that are not UTF-8 text; write it in UTF-8") from None
+        if not 0 <= self.eta <= 1:
+            raise UserError(f"eta must be between 0 and 1 (got {self.eta})")
         seed = self.seed
         if seed is None:
             seed = random.randint(0, MAX_SEED)
