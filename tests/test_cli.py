@@ -259,3 +259,14 @@ def test_a_fifo_as_input_is_refused_not_waited_on(models, work, capsys):
 def test_a_prompt_that_is_not_utf8_is_one_line(models, work, capsys):
     # what Python makes of argv bytes that are not UTF-8: lone surrogates
     _bad(work, capsys, ["txt2img", "-p", "a b\udcff\udcfe", "-m", models["base"], *FAST], "not UTF-8")
+
+
+def test_a_schedule_the_scheduler_cannot_make_is_one_line(work, capsys):
+    """The demo model's PNDM runs a Runge-Kutta warm-up that 3 steps cannot hold: diffusers raises inside."""
+    _bad(work, capsys, ["txt2img", "-p", "x", "--scheduler", "pndm", "--steps", "3", "-q"], "cannot run 3 steps")
+
+
+def test_names_longer_than_the_file_system_allows_are_one_line(models, work, capsys):
+    long = "a" * 300
+    _bad(work, capsys, ["txt2img", "-p", "x", "-m", models["base"], "-o", f"{long}.png", *FAST], "255")
+    _bad(work, capsys, ["img2img", f"{long}.png", "-p", "x", "-m", models["base"], *FAST], "cannot be read")

@@ -72,7 +72,11 @@ def generator_for(seed: int) -> torch.Generator:
 def schedule(scheduler, steps: int, device, strength: float | None = None) -> torch.Tensor:
     """Timesteps to run. `strength` keeps the last `strength` of the schedule (diffusers' arithmetic);
     None runs the whole schedule as txt2img does (no begin index)."""
-    scheduler.set_timesteps(steps, device=device)
+    try:
+        scheduler.set_timesteps(steps, device=device)
+    except ValueError as e:  # e.g. PNDM's Runge-Kutta warm-up needs more steps than given
+        raise UserError(f"{type(scheduler).__name__} cannot run {steps} steps ({str(e).splitlines()[0]}); use more "
+                        "--steps or another --scheduler") from None
     if strength is None:
         return scheduler.timesteps
     init_timestep = min(int(steps * strength), steps)

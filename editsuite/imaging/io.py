@@ -122,11 +122,15 @@ def peek_size(src: str | Path, *, what: str = "image", max_pixels: int = DEFAULT
 
 
 def _open_header(path: Path, label: str, max_pixels: int) -> Image.Image:
-    if not path.exists():
+    try:
+        exists, folder, regular = path.exists(), path.is_dir(), path.is_file()
+    except OSError as exc:  # a name longer than the file system allows, a loop of links
+        raise UserError(f"{label} cannot be read ({_reason(exc)})") from exc
+    if not exists:
         raise UserError(f"{label} not found; check the path")
-    if path.is_dir():
+    if folder:
         raise UserError(f"{label} is a folder, not an image file")
-    if not path.is_file():  # a FIFO, socket or device: opening one can block forever
+    if not regular:  # a FIFO, socket or device: opening one can block forever
         raise UserError(f"{label} is not a regular file (a pipe or device?); save the image to a file first")
 
     try:

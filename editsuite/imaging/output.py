@@ -59,6 +59,7 @@ def save_atomic(
     if not path.suffix:
         path = path.with_name(path.name + ".png")
     fmt = _format_for(path)
+    _check_name_length(path)
     if path.is_dir():
         raise UserError(f"output '{path}' is a folder; give a file name ending in {_allowed()}")
     if not overwrite and (path.exists() or path.is_symlink()):
@@ -139,6 +140,7 @@ def output_paths(
     several = total > 1
 
     folder = Path(".") if out is None else Path(out)
+    _check_name_length(folder)
     if out is not None and not folder.is_dir():
         suffix = folder.suffix.lower()
         if several and (suffix in IMAGE_EXTENSIONS or folder.exists()):
@@ -164,6 +166,8 @@ def output_paths(
     def names(counter: int) -> list[Path]:
         return [folder / f"{base}-{counter + offset:04d}.png" for base, offset in zip(bases, offsets)]
 
+    for p in names(1):  # long input names make long output names
+        _check_name_length(p)
     counter = 1
     while not overwrite and any(p.exists() or p.is_symlink() for p in names(counter)):
         counter += 1
@@ -174,6 +178,13 @@ plan_outputs = output_paths  # the same helper, under the name used in the desig
 
 
 # --------------------------------------------------------------------------------------------
+
+
+def _check_name_length(path: Path) -> None:
+    size = len(path.name.encode("utf-8", "surrogateescape"))
+    if size > 255:  # asking the file system about it would raise ENAMETOOLONG
+        raise UserError(f"output name '{path.name[:40]}...' is {size} bytes long; file systems allow 255: give a "
+                        "shorter -o")
 
 
 def _format_for(path: Path) -> str:
