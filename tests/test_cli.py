@@ -270,3 +270,14 @@ def test_names_longer_than_the_file_system_allows_are_one_line(models, work, cap
     long = "a" * 300
     _bad(work, capsys, ["txt2img", "-p", "x", "-m", models["base"], "-o", f"{long}.png", *FAST], "255")
     _bad(work, capsys, ["img2img", f"{long}.png", "-p", "x", "-m", models["base"], *FAST], "cannot be read")
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["txt2img", "--width", "100000"], "at most 16384 a side"),
+    (["txt2img", "-N", "100000"], "over --max-output-pixels"),
+    (["outpaint", "photo.png", "--expand", "20000"], "at most 16384 a side"),
+    (["upscale", "photo.png", "--scale", "nan"], "--scale must be a positive number"),
+    (["txt2img", "-N", "3", "--max-output-pixels", "10000"], "over --max-output-pixels 10,000"),
+])
+def test_outputs_too_big_are_refused_before_the_run(models, work, capsys, args, expect):
+    _bad(work, capsys, [*args, "-p", "x", "-m", models["base"], *FAST], expect)

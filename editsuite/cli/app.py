@@ -11,12 +11,13 @@ import click
 import typer
 
 from editsuite.cli.options import (AllowPickle, Backend, CacheInterval, ComputeUnits, Device, Dtype, Guidance,
-                                   Height, Inputs, Json, MaxPixels, Model, ModelConfig, Negative, NumImages,
+                                   Height, Inputs, Json, MaxOutputPixels, MaxPixels, Model, ModelConfig, Negative, NumImages,
                                    OptGuidance, OptPrompt, Output, Overwrite, PredictionType, Prompt, Quiet, Scheduler,
                                    Seed, Steps, Strength, Width)
 from editsuite.cli.run import Job, execute
 from editsuite.errors import UserError
 from editsuite.imaging.io import DEFAULT_MAX_PIXELS
+from editsuite.imaging.output import DEFAULT_MAX_OUTPUT_PIXELS
 from editsuite.tasks.base import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 app = typer.Typer(
@@ -38,6 +39,7 @@ def txt2img(
     cache_interval: CacheInterval = 1, overwrite: Overwrite = False,
     quiet: Quiet = False, json_out: Json = False, allow_pickle: AllowPickle = False,
     config: ModelConfig = None, prediction_type: PredictionType = None,
+    max_output_pixels: MaxOutputPixels = DEFAULT_MAX_OUTPUT_PIXELS,
 ):
     """Paint a picture from a prompt."""
     execute(Job("txt2img", locals(), dict(width=width, height=height)))
@@ -53,6 +55,7 @@ def img2img(
     cache_interval: CacheInterval = 1,
     overwrite: Overwrite = False, quiet: Quiet = False, json_out: Json = False, allow_pickle: AllowPickle = False,
     config: ModelConfig = None, prediction_type: PredictionType = None,
+    max_output_pixels: MaxOutputPixels = DEFAULT_MAX_OUTPUT_PIXELS,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
 ):
     """Repaint pictures guided by a prompt."""
@@ -78,6 +81,7 @@ def inpaint(
     quiet: Quiet = False,
     json_out: Json = False, allow_pickle: AllowPickle = False,
     config: ModelConfig = None, prediction_type: PredictionType = None, max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+    max_output_pixels: MaxOutputPixels = DEFAULT_MAX_OUTPUT_PIXELS,
 ):
     """Repaint the white part of a mask; everything else stays as it was."""
     execute(Job("inpaint", locals(), dict(strength=strength, mask_blur=mask_blur, only_masked=only_masked,
@@ -101,6 +105,7 @@ def outpaint(
     cache_interval: CacheInterval = 1,
     overwrite: Overwrite = False, quiet: Quiet = False, json_out: Json = False, allow_pickle: AllowPickle = False,
     config: ModelConfig = None, prediction_type: PredictionType = None,
+    max_output_pixels: MaxOutputPixels = DEFAULT_MAX_OUTPUT_PIXELS,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
 ):
     """Extend pictures on any side and fill the new area."""
@@ -126,6 +131,7 @@ def upscale(
     cache_interval: CacheInterval = 1, overwrite: Overwrite = False,
     quiet: Quiet = False, json_out: Json = False, allow_pickle: AllowPickle = False,
     config: ModelConfig = None, prediction_type: PredictionType = None,
+    max_output_pixels: MaxOutputPixels = DEFAULT_MAX_OUTPUT_PIXELS,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
 ):
     """Make pictures larger: the x4 upscaler model, or a tiled img2img pass with a base model."""

@@ -49,3 +49,6 @@ ModelConfig = Annotated[Optional[str], typer.Option(
 PredictionType = Annotated[Optional[str], typer.Option(
     help="epsilon or v_prediction: override the model's (needed for Apple-converted SD 2.x 768 bundles without "
     "--config).")]
+MaxOutputPixels = Annotated[int, typer.Option(
+    help="Refuse a run whose pictures would hold more pixels than this, all images together (raise it for big "
+    "pictures or many images).")]

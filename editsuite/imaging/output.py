@@ -97,6 +97,21 @@ def save_atomic(
     return path
 
 
+DEFAULT_MAX_OUTPUT_PIXELS = 4096 * 4096  # a run's pictures, all together: 64 of 512x512, one of 4096x4096
+MAX_SIDE = 16384
+
+
+def check_output_size(sizes: list[tuple[int, int]], n: int, limit: int) -> None:
+    """Refuse, before anything loads, a run whose pictures would not fit: each side at most MAX_SIDE, and
+    `n` images of each size at most `limit` pixels in all (the loop holds a run's images at once)."""
+    for w, h in sizes:
+        if max(w, h) > MAX_SIDE:
+            raise UserError(f"the output would be {w}x{h} pixels; at most {MAX_SIDE} a side")
+        if w * h * n > limit:
+            raise UserError(f"the output would be {n} x {w}x{h} = {w * h * n:,} pixels, over --max-output-pixels "
+                            f"{limit:,}; ask for fewer or smaller pictures, or raise --max-output-pixels")
+
+
 def output_paths(
     out: str | Path | None,
     *,
