@@ -294,3 +294,16 @@ def test_journal_that_is_a_folder_is_one_line(tmp_path, capsys):
     assert main(["batch", str(path), "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a plain file" in err[0], err
+
+
+def test_outputs_in_the_input_folder_are_never_inputs(tmp_path, capsys):
+    """A recipe whose output folder is its input folder: reruns find the same 2 inputs, not their outputs too."""
+    _scenes(tmp_path / "in", 2)
+    path = _write_recipe(tmp_path, BASE.replace("steps = 4", "steps = 2").replace('folder = "out"', 'folder = "in"'))
+    for _ in range(3):
+        assert main(["batch", str(path), "-q"]) == 0
+        assert len(list((tmp_path / "in").glob("*.png"))) == 4  # 2 inputs + 2 outputs, every time
+    assert main(["batch", str(path), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 file(s) matched by inputs.images are this recipe's own outputs" in printed
+    assert "0 of 2 items to run" in printed

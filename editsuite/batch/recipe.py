@@ -102,7 +102,8 @@ class Recipe:
         if self.task == "txt2img":
             sources = [(f"prompt-{i:04d}", None, p) for i, p in enumerate(self.prompts)]
         else:
-            sources = [(_key(p, base), p, None) for p in _expand(self.images, base, self.label)]
+            found = _expand(self.images, base, self.label)
+            sources = [(_key(p, base), p, None) for p in found if not self.is_own_output(p)]
         items, names = [], {}
         for index, (key, image, prompt) in enumerate(sources):
             seed = self.seed_base if self.seed_mode == "fixed" else derived_seed(self.seed_base, key)
@@ -119,6 +120,26 @@ class Recipe:
                 mask = base / self.masks.format(stem=image.stem, name=image.name)
             items.append(Item(key, index, image, mask, prompt, seed, output))
         return items
+
+    def own_outputs(self) -> list[Path]:
+        """The files the inputs match that are this recipe's own outputs (left out of the items)."""
+        if self.task == "txt2img":
+            return []
+        return [p for p in _expand(self.images, self.path.parent, self.label) if self.is_own_output(p)]
+
+    def is_own_output(self, path: Path) -> bool:
+        """Whether `path` is a picture this recipe wrote: in its output folder, with its fingerprint in the
+        picture's metadata. Such files are never inputs, so a folder that is both input and output does not
+        grow with every rerun."""
+        from editsuite.imaging.metadata import read_settings
+
+        if Path(path).resolve().parent != self.folder.resolve():
+            return False
+        try:
+            batch = read_settings(path).get("batch") or {}
+        except Exception:  # unreadable or foreign file: an input like any other
+            return False
+        return isinstance(batch, dict) and batch.get("fingerprint") == self.fingerprint()
 
     def _output(self, **fields) -> Path:
         name = self.name.format(task=self.task, **fields)

@@ -22,6 +22,10 @@ def run_batch(recipe_path: Path, *, dry_run: bool, overwrite: bool, quiet: bool,
         else:
             for r in rows:
                 typer.echo(f"{r['action']:9s} {r['item']} -> {r['output']} (seed {r['seed']})")
+            own = recipe.own_outputs()
+            if own:
+                typer.echo(f"{len(own)} file(s) matched by inputs.images are this recipe's own outputs and are not "
+                           "inputs")
             typer.echo(f"{sum(r['action'] == 'run' for r in rows)} of {len(rows)} items to run; nothing was done "
                        "(--dry-run)")
         return 0
