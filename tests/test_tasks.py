@@ -1,5 +1,7 @@
 """Task behaviour beyond parity: strength 0, cancelling, seamless tiles, outpaint canvas, callbacks."""
 
+import itertools
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -55,19 +57,39 @@ def test_random_seed_is_recorded_and_reproduces(base):
 def test_tiles_cover_and_crossfade_exactly():
     assert tile_starts(100, 64, 16) == [0, 36]
     assert tile_starts(64, 64, 16) == [0]
-    # weights of overlapping tiles sum to a smooth ramp: identical tiles reproduce the picture exactly
-    acc = np.zeros((1, 100))
+    ramp = (np.arange(16) + 0.5) / 16
+    left = tile_weights(1, 64, 16, (False, False, False, True))[0]  # a neighbour on the right only
+    right = tile_weights(1, 64, 16, (False, False, True, False))[0]
+    assert np.array_equal(left[-16:], ramp[::-1]) and (left[:-16] == 1).all()
+    assert np.array_equal(right[:16], ramp) and (right[16:] == 1).all()
+    # where two tiles overlap, the left one's share falls and the right one's rises: a crossfade, not an average
+    acc, shares = np.zeros(100), []
     for x in tile_starts(100, 64, 16):
-        acc[:, x:x + 64] += tile_weights(1, 64, 16, (False, False, x > 0, x + 64 < 100))
+        w = tile_weights(1, 64, 16, (False, False, x > 0, x + 64 < 100))[0]
+        acc[x:x + 64] += w
+        shares.append(np.pad(w, (x, 100 - 64 - x)))
     assert (acc > 0).all()
+    first = shares[0][36:64] / acc[36:64]
+    assert first[0] > 0.95 and first[-1] < 0.05 and (np.diff(first) <= 0).all() and (np.diff(first) < 0).sum() >= 15
 
 
 def test_tiled_upscale_blend_is_seamless(base, photo, monkeypatch):
-    """With tiles that come back unchanged, the crossfade must give back the Lanczos picture exactly."""
+    """With tiles that come back unchanged, the crossfade must give back the Lanczos picture exactly; with
+    tiles of different flat greys, the picture must fade from one to the next without a seam."""
     monkeypatch.setattr(upscale_mod, "img2img_latents", lambda *a, **k: None)
     out = editsuite.Upscale(base).run(photo, scale=2.5, tile=64, overlap=24, strength=0.5, seed=1).images[0]
     expect = photo.resize((160, 160), PIL.Image.LANCZOS)
     assert np.abs(np.asarray(out, int) - np.asarray(expect, int)).max() <= 1
+
+    tiles = itertools.count()  # 4 x 4 tiles, row by row: each column of tiles comes back one flat grey
+    monkeypatch.setattr(upscale_mod, "img2img_latents", lambda *a, **k: "latents")
+    monkeypatch.setattr(upscale_mod.loop, "decode",
+                        lambda bundle, latents: [PIL.Image.new("RGB", (64, 64), (20 + 40 * (next(tiles) % 4),) * 3)])
+    out = np.asarray(editsuite.Upscale(base).run(photo, scale=2.5, tile=64, overlap=24, strength=0.5,
+                                                 seed=1).images[0], int)
+    row = out[10, :, 0]  # across the first row of tiles: 20, 60, 100, 140, faded into each other
+    assert row[0] == 20 and row[-1] == 140
+    assert (np.diff(row) >= 0).all() and np.abs(np.diff(row)).max() <= 5  # an average's seam jumps by 20
 
 
 def test_outpaint_canvas_and_masks(photo):
