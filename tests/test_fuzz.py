@@ -156,3 +156,42 @@ def test_fuzz_the_cli_on_malformed_inputs(tmp_path_factory, capsys, data, as_mas
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
     assert not out.exists()
+
+
+LOADED: list[str] = []  # names of the fuzzed recipes that loaded, so the test below can say it checked some
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@seed(20261129)
+@given(name=st.one_of(
+    st.sampled_from(["{stem}.png", "{index:04d}-{seed}.png", "{stem}-{task}.webp", "../{stem}.png", "/etc/x.png",
+                     "sub/{stem}.png", "{stem}/../../x.png", ".{stem}.png", "{stem}.png/..", "{seed:>8}.png",
+                     "..png", "{stem}.exe", "{stem}\x00.png", "~/{stem}.png", "{stem}.jpg"]),
+    st.text(max_size=14).map(lambda t: "{stem}" + t + ".png"),
+    st.text(max_size=14).map(lambda t: t + ".png")),
+    folder=st.sampled_from(["out", "in", "../out", "out/../out", ".", "out/sub", "/tmp/editsuite-fuzz-abs"]))
+def test_fuzz_output_names_of_a_valid_recipe_stay_inside_its_folder(tmp_path_factory, name, folder):
+    """A valid recipe with a fuzzed output name and folder: either a one-line error, or every output inside
+    the folder. Unlike the free-form fuzz above, most of these recipes load, so the check really runs."""
+    import json
+
+    root = tmp_path_factory.mktemp("recipe")
+    (root / "in").mkdir()
+    PIL.Image.new("RGB", (64, 64)).save(root / "in" / "a.png")
+    (root / "recipe.toml").write_text(
+        'task = "img2img"\n[inputs]\nimages = ["in/*.png"]\n[params]\nprompt = "x"\nstrength = 0.5\n'
+        f"[output]\nfolder = {json.dumps(folder)}\nname = {json.dumps(name)}\n")
+    recipe = _only_user_errors(load_recipe, root / "recipe.toml")
+    if recipe is None:
+        return
+    for item in Batch(recipe).items:
+        assert item.output.parent == recipe.folder.resolve(), (name, folder, item.output)
+        assert not item.output.name.startswith(".")
+    LOADED.append(name)
+
+
+def test_the_output_name_fuzz_checked_loaded_recipes():
+    """Run after the fuzz above (same module, file order): a fuzz that loads nothing proves nothing."""
+    print(f"{len(LOADED)} fuzzed recipes loaded and were checked")
+    assert len(LOADED) >= 50, len(LOADED)

@@ -143,6 +143,9 @@ class Recipe:
 
     def _output(self, **fields) -> Path:
         name = self.name.format(task=self.task, **fields)
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):  # NUL and control characters: no file can have them
+            raise UserError(f"{self.label}: output.name {self.name!r} gives {name!r}, which holds control characters; "
+                            "use letters, digits and punctuation")
         path = (self.folder / name).resolve()
         if path.parent != self.folder.resolve() or name.startswith(".") or not Path(name).suffix.lower() in IMAGE_EXTENSIONS:
             raise UserError(f"{self.label}: output.name {self.name!r} gives {name!r}, which is not a file name inside "
