@@ -307,3 +307,22 @@ def test_outputs_in_the_input_folder_are_never_inputs(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "2 file(s) matched by inputs.images are this recipe's own outputs" in printed
     assert "0 of 2 items to run" in printed
+
+
+def test_an_output_renamed_but_not_journaled_is_finished_not_redone(tmp_path, capsys):
+    """The window a kill can hit between an output's rename and its journal line: the file is whole, the
+    journal does not know it. Its own metadata (this recipe, this item) makes it finished: kept, not redone,
+    not a conflict, and journaled on the rerun."""
+    _scenes(tmp_path / "in", 2)
+    path = _write_recipe(tmp_path, BASE.replace("steps = 4", "steps = 2"))
+    assert main(["batch", str(path), "-q"]) == 0
+    journal = tmp_path / "out" / JOURNAL
+    journal.write_text(journal.read_text().splitlines()[0] + "\n")  # the second item's line never made it
+    outputs = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.png")}
+    assert sorted(action for _, action in Batch(load_recipe(path)).plan()) == ["finished", "finished"]
+    capsys.readouterr()
+    assert main(["batch", str(path)]) == 0
+    assert "0 done, 2 finished before, 0 failed" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in outputs} == outputs
+    done = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert sorted(r["status"] for r in done) == ["done", "done"]
