@@ -93,6 +93,7 @@ base = 5
     (("folder = \"out\"", "folder = \"out\"\nname = \"{stem}" + "x" * 250 + ".png\""), "at most 200 bytes"),
     (("steps = 4", "steps = 4\nguidance_scale = nan"), "guidance scale must be between 0 and 100 (got nan)"),
     (("steps = 4", "steps = 4\nguidance_scale = inf"), "guidance scale must be between 0 and 100 (got inf)"),
+    (("steps = 4", "steps = 4\nwidth = 100000"), "width must be at most 16384 pixels (got 100000)"),
     (("base = 5", "base = -1"), "seed.base = -1 is not allowed"),
     (("base = 5", "mode = \"random\""), "seed.mode = 'random' is not allowed: derived or fixed"),
     (("images = [\"in/*.png\"]", "images = [\"nowhere/\"]"), "inputs.images entry 'nowhere/': no such file"),

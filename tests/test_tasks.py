@@ -113,3 +113,8 @@ def test_preview_from_a_step_callback(base):
     editsuite.Txt2Img(base).run("x", steps=2, seed=1, scheduler="euler",
                                 callback=lambda s: shown.append(preview(base, s.latents)[0].size))
     assert shown == [(64, 64), (64, 64)]
+
+
+def test_a_size_over_the_limit_is_refused_by_the_python_api_too(base):
+    with pytest.raises(editsuite.UserError, match="width must be at most 16384 pixels"):
+        editsuite.Txt2Img(base).run("x", width=100000, height=64, steps=1, seed=0)

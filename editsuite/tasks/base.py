@@ -13,6 +13,7 @@ from editsuite.core import loop
 from editsuite.core.prompts import encode_prompt
 from editsuite.core.schedulers import display_name, make_scheduler
 from editsuite.errors import UserError
+from editsuite.imaging.output import MAX_SIDE
 
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 7.5
@@ -75,6 +76,8 @@ def check_size(value: int | None, name: str, multiple: int = 8) -> int | None:
         return None
     if value < multiple:
         raise UserError(f"{name} must be at least {multiple} pixels (got {value})")
+    if value > MAX_SIDE:  # the CLI, recipes and the Python API all come through here
+        raise UserError(f"{name} must be at most {MAX_SIDE} pixels (got {value})")
     if value % multiple:
         lo = value - value % multiple
         raise UserError(f"{name} {value} is not a multiple of {multiple}; use {lo} or {lo + multiple}")
