@@ -102,8 +102,8 @@ class Recipe:
         if self.task == "txt2img":
             sources = [(f"prompt-{i:04d}", None, p) for i, p in enumerate(self.prompts)]
         else:
-            found = _expand(self.images, base, self.label)
-            sources = [(_key(p, base), p, None) for p in found if not self.is_own_output(p)]
+            own = self._own_output_test()
+            sources = [(_key(p, base), p, None) for p in _expand(self.images, base, self.label) if not own(p)]
         items, names = [], {}
         for index, (key, image, prompt) in enumerate(sources):
             seed = self.seed_base if self.seed_mode == "fixed" else derived_seed(self.seed_base, key)
@@ -125,21 +125,27 @@ class Recipe:
         """The files the inputs match that are this recipe's own outputs (left out of the items)."""
         if self.task == "txt2img":
             return []
-        return [p for p in _expand(self.images, self.path.parent, self.label) if self.is_own_output(p)]
+        own = self._own_output_test()
+        return [p for p in _expand(self.images, self.path.parent, self.label) if own(p)]
 
-    def is_own_output(self, path: Path) -> bool:
-        """Whether `path` is a picture this recipe wrote: in its output folder, with its fingerprint in the
+    def _own_output_test(self):
+        """Whether a path is a picture this recipe wrote: in its output folder, with its fingerprint in the
         picture's metadata. Such files are never inputs, so a folder that is both input and output does not
         grow with every rerun."""
         from editsuite.imaging.metadata import read_settings
 
-        if Path(path).resolve().parent != self.folder.resolve():
-            return False
-        try:
-            batch = read_settings(path).get("batch") or {}
-        except Exception:  # unreadable or foreign file: an input like any other
-            return False
-        return isinstance(batch, dict) and batch.get("fingerprint") == self.fingerprint()
+        folder, fingerprint = self.folder.resolve(), self.fingerprint()
+
+        def own(path: Path) -> bool:
+            if Path(path).resolve().parent != folder:
+                return False
+            try:
+                batch = read_settings(path).get("batch") or {}
+            except Exception:  # unreadable or foreign file: an input like any other
+                return False
+            return isinstance(batch, dict) and batch.get("fingerprint") == fingerprint
+
+        return own
 
     def _output(self, **fields) -> Path:
         name = self.name.format(task=self.task, **fields)

@@ -190,12 +190,11 @@ def _vae_factor(descs: dict[str, Description], meta: dict[str, str]) -> int:
     """Pixels per latent cell: recorded by editsuite, else the VAE's own shapes, else Stable Diffusion's 8."""
     if META_VAE_FACTOR in meta:
         return int(meta[META_VAE_FACTOR])
-    for component, small, big in (("vae_decoder", "in", "out"), ("vae_encoder", "out", "in")):
-        d = descs.get(component)
+    for d, latents_in in ((descs.get("vae_decoder"), True), (descs.get("vae_encoder"), False)):
         if d is None:
             continue
-        lat = next(iter(d.inputs.values() if small == "in" else d.outputs.values())).shape
-        pix = next(iter(d.outputs.values() if big == "out" else d.inputs.values())).shape
+        first_in, first_out = next(iter(d.inputs.values())).shape, next(iter(d.outputs.values())).shape
+        lat, pix = (first_in, first_out) if latents_in else (first_out, first_in)
         if len(lat) == 4 and len(pix) == 4 and lat[2]:
             return pix[2] // lat[2]
     return 8

@@ -62,8 +62,8 @@ def execute(job: Job) -> None:
 
         for im in images:
             checked_mask(im, mask, resize_mask=job.task_args["resize_mask"], invert_mask=job.task_args["invert_mask"])
-    check_output_size(_planned_sizes(job, images), common.num_images,
-                      job.opt("max_output_pixels", DEFAULT_MAX_OUTPUT_PIXELS))
+    max_output = job.opt("max_output_pixels", DEFAULT_MAX_OUTPUT_PIXELS)
+    check_output_size(_planned_sizes(job, images), common.num_images, max_output)
     # 3. Plan every output name; an existing file stops the run unless --overwrite
     n = common.num_images
     outs = output_paths(job.opt("output"), task=job.task, seeds=[common.seed] * n, inputs=paths or None,
@@ -72,7 +72,7 @@ def execute(job: Job) -> None:
     bundle = _load(job, quiet)
     if job.task == "txt2img" and not (job.task_args.get("width") or job.task_args.get("height")):
         side = bundle.manifest.native_resolution  # the size txt2img takes when none is given
-        check_output_size([(side, side)], common.num_images, job.opt("max_output_pixels", DEFAULT_MAX_OUTPUT_PIXELS))
+        check_output_size([(side, side)], common.num_images, max_output)
     task = TASKS[job.task](bundle)
     shown = {bundle.notice}
     # 5. Run each input, then save its outputs atomically

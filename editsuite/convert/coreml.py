@@ -106,10 +106,14 @@ def parts(chunk_unet: bool) -> dict[str, list[str]]:
             "vae_encoder": ["vae_encoder"], "vae_decoder": ["vae_decoder"]}
 
 
-def _write_json(path: Path, data: dict) -> None:
+def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    _write_text(path, json.dumps(data, indent=2))
 
 
 # -- the modules and their example inputs ------------------------------------------------------------------
@@ -314,13 +318,12 @@ def convert(source, out: str | os.PathLike, *, resolutions=(), attention: str = 
     metadata = {META_KIND: m.kind.value, META_PREDICTION: m.prediction_type, META_LATENT_SCALE: str(m.scaling_factor),
                 META_VAE_FACTOR: str(m.vae_scale_factor)}
     _write_support_files(bundle, out)
-    _drop_unneeded(bundle, wanted)
     for i, name in enumerate(wanted):
+        _drop_unneeded(bundle, wanted[i:])
         file = package_name(version, name)
         path = out / file
         if name in manifest["packages"] and package_complete(path):
             say(f"{SWIFT_NAMES[name]}: already converted, skipped")
-            _drop_unneeded(bundle, wanted[i + 1:])
             continue
         t0 = time.time()
         say(f"{SWIFT_NAMES[name]}: tracing and converting")
@@ -331,7 +334,7 @@ def convert(source, out: str | os.PathLike, *, resolutions=(), attention: str = 
                                metadata, version)
         split = getattr(module, "split", None)
         del module
-        _drop_unneeded(bundle, wanted[i + 1:])
+        _drop_unneeded(bundle, wanted[i + 1:])  # before saving: the save need not hold the torch weights too
         tmp = out / f".partial-{file}"
         shutil.rmtree(tmp, ignore_errors=True)
         mlmodel.save(str(tmp))
@@ -382,8 +385,9 @@ def owned_names(manifest: dict) -> list[str]:
 
 def _swap_in(staging: Path, out: Path, old: dict) -> None:
     """Replace what editsuite wrote in `out` (per its old manifest) by the finished bundle in `staging`."""
-    new = [str(p.relative_to(staging)) for p in staging.rglob("*") if p.parent == staging or
-           (p.parent.name == "Resources" and p.parent.parent == staging)]
+    new = [p.name for p in staging.iterdir()]
+    if (staging / "Resources").is_dir():
+        new += [f"Resources/{p.name}" for p in (staging / "Resources").iterdir()]
     mine = set(owned_names(old)) | {"Resources"}
     foreign = [n for n in new if (out / n).exists() and n not in mine]
     if foreign:
@@ -422,7 +426,6 @@ def compile_for_swift(out: Path, packages: dict[str, Path], say: Callable[[str],
     each package compiled by Xcode's coremlcompiler into `<SwiftName>.mlmodelc`, beside vocab.json and
     merges.txt. Mochi Diffusion opens the same folder. macOS only."""
     import subprocess
-    import tempfile
 
     resources = out / "Resources"
     resources.mkdir(exist_ok=True)
@@ -453,9 +456,7 @@ def write_vocab_and_merges(tokenizer, folder: Path) -> None:
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     vocab = dict(sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]))
     _write_json(folder / "vocab.json", vocab)
-    tmp = folder / "merges.txt.tmp"
-    tmp.write_text("#version: 0.2\n" + "".join(f"{m}\n" for m in merges), encoding="utf-8")
-    os.replace(tmp, folder / "merges.txt")
+    _write_text(folder / "merges.txt", "#version: 0.2\n" + "".join(f"{m}\n" for m in merges))
 
 
 def _write_support_files(bundle, out: Path) -> None:
