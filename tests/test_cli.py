@@ -62,8 +62,23 @@ def test_img2img_several_inputs_go_to_a_folder(models, work, photo):
     photo.rotate(90).save(work / "second.png")
     assert run("img2img", "photo.png", "second.png", "-p", "x", "-m", models["base"], "-N", "2", "-o", "out",
                *FAST) == 0
-    assert files(work / "out") == {f"{s}-img2img-7-000{i}.png" for s in ("photo", "second") for i in (1, 2)}
-    assert read_settings(work / "out" / "second-img2img-7-0002.png")["batch_index"] == 1
+    assert files(work / "out") == {f"{s}-img2img-{seed}-0001.png" for s in ("photo", "second") for seed in (7, 8)}
+    second = read_settings(work / "out" / "second-img2img-8-0001.png")
+    assert second["batch_index"] == 1 and second["seed"] == 8
+
+
+def test_each_image_of_a_batch_has_its_own_seed_and_is_reproduced_alone(models, work):
+    """-N 2 -s 42 writes seeds 42 and 43 (A1111's convention); -N 1 -s 43 makes the second image again (to
+    within the UNet's rounding at another batch size, see test_parity; bfloat16 rounds coarser, so float32)."""
+    base = ["-p", "a red circle", "-m", models["base"], "--steps", "2", "-q", "--dtype", "float32"]
+    assert run("txt2img", *base, "-N", "2", "-s", "42", "-o", "out") == 0
+    texts = {p.name: PIL.Image.open(p).info["parameters"] for p in (work / "out").iterdir()}
+    assert set(texts) == {"txt2img-42-0001.png", "txt2img-43-0001.png"}
+    assert "Seed: 43," in texts["txt2img-43-0001.png"] and "Seed: 42," in texts["txt2img-42-0001.png"]
+    assert run("txt2img", *base, "-N", "1", "-s", "43", "-o", "alone") == 0
+    batch, alone = (np.asarray(PIL.Image.open(work / d / "txt2img-43-0001.png"), np.int16) for d in ("out", "alone"))
+    diff = np.abs(batch - alone).max(-1)
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.005
 
 
 def test_inpaint_keeps_unmasked_pixels(models, work, photo, mask):

@@ -397,17 +397,20 @@ def test_a1111_parameters_format():
 
 
 def test_a1111_parameters_options():
-    s = dict(SETTINGS, task="txt2img", negative_prompt="", guidance_scale=7.5, model_name="mix, v2")
+    s = dict(SETTINGS, task="txt2img", negative_prompt="", guidance_scale=7.5, model_name="mix, v2: new")
     s["extra"] = {"Mask blur": 4, "Note": "a: b"}
-    del s["sampler"]
-    s["scheduler"] = "Euler a"
+    s["sampler"], s["schedule_type"] = "Euler a", "Uniform"
     text = a1111_parameters(s)
     lines = text.split("\n")
     assert lines[0] == "a photo of a cat" and len(lines) == 2  # no negative prompt line
-    assert "Sampler: Euler a" in lines[1] and "CFG scale: 7.5" in lines[1]
-    assert 'Model: "mix, v2"' in lines[1]
+    assert "Sampler: Euler a, Schedule type: Uniform, CFG scale: 7.5" in lines[1]
+    assert "Model: mix_v2_new," in lines[1]  # readers split on "," and ":" even inside quotes
     assert "Denoising strength" not in lines[1]  # txt2img
     assert lines[1].endswith('Mask blur: 4, Note: "a: b"')
+    del s["sampler"]
+    s["scheduler"] = "DDPMScheduler"
+    assert "Sampler" not in a1111_parameters(s)  # no A1111 name: none written (A1111 would run DPM++ 2M)
+    assert a1111_parameters(dict(s, prompt="")).startswith("\nSteps: 20,")  # no prompt: an empty first line
 
 
 def test_png_info_round_trip(tmp_path):

@@ -206,7 +206,7 @@ class Batch:
                 result = task.run(image, mask, **args)
             else:
                 result = task.run(image, **args)
-        settings = {**result.metadata, "batch_index": 0,
+        settings = {**result.image_settings(0),
                     "batch": {"recipe": r.label, "fingerprint": self.fingerprint, "item": item.key}}
         if item.image is not None:
             settings["input"] = item.key

@@ -66,7 +66,7 @@ def execute(job: Job) -> None:
     check_output_size(_planned_sizes(job, images), common.num_images, max_output)
     # 3. Plan every output name; an existing file stops the run unless --overwrite
     n = common.num_images
-    outs = output_paths(job.opt("output"), task=job.task, seeds=[common.seed] * n, inputs=paths or None,
+    outs = output_paths(job.opt("output"), task=job.task, seeds=[common.seed + j for j in range(n)], inputs=paths or None,
                         n_per_input=n, overwrite=job.opt("overwrite"))
     # 4. Load the model once, build the task
     bundle = _load(job, quiet)
@@ -94,7 +94,7 @@ def execute(job: Job) -> None:
             typer.echo(late, err=True)
             shown.add(late)
         for j, image in enumerate(result.images):
-            settings = {**result.metadata, "batch_index": j}
+            settings = result.image_settings(j)
             if paths:
                 settings["input"] = str(paths[idx])
             out = save_atomic(image, outs[idx * n + j], pnginfo=png_info(png_settings(settings)),

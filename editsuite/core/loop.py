@@ -1,7 +1,9 @@
 """The one denoising loop every task uses, and the latent-space helpers around it.
 
-Random draws follow diffusers exactly: every task draws from one `torch.Generator("cpu")` seeded with
-`seed`, in the same order as the matching diffusers pipeline, so the same settings give the same image.
+Random draws follow diffusers exactly: image i of a run draws from its own `torch.Generator("cpu")` seeded
+with `seed + i` (diffusers' list-of-generators semantics, AUTOMATIC1111's seed convention), in the same
+order as the matching diffusers pipeline. So the same settings give the same image, and each image of a
+batch is reproduced alone by its own seed with one image.
 """
 
 from __future__ import annotations
@@ -64,9 +66,14 @@ class LoopInputs:
     known: KnownRegion | None = None
 
 
-def generator_for(seed: int) -> torch.Generator:
-    """`seed=S` behaves as `generator=torch.Generator("cpu").manual_seed(S)` does in diffusers."""
-    return torch.Generator("cpu").manual_seed(int(seed))
+Generators = list[torch.Generator]
+
+
+def generators_for(seed: int, n: int = 1) -> Generators:
+    """One generator per image: `seed=S` with `n` images behaves as diffusers'
+    `generator=[torch.Generator("cpu").manual_seed(S + i) for i in range(n)]`; with n=1 that is the same as
+    `generator=torch.Generator("cpu").manual_seed(S)`."""
+    return [torch.Generator("cpu").manual_seed(int(seed) + i) for i in range(n)]
 
 
 def schedule(scheduler, steps: int, device, strength: float | None = None) -> torch.Tensor:
@@ -91,14 +98,21 @@ def image_processor(bundle, **kw) -> VaeImageProcessor:
     return VaeImageProcessor(vae_scale_factor=bundle.manifest.vae_scale_factor, **kw)
 
 
-def noise(shape, generator: torch.Generator, bundle) -> torch.Tensor:
-    return randn_tensor(tuple(shape), generator=generator, device=bundle.device, dtype=bundle.dtype)
+def noise(shape, generators: Generators, bundle) -> torch.Tensor:
+    """Normal noise of `shape`; item i drawn from `generators[i]` (diffusers' randn_tensor does the split)."""
+    if shape[0] != len(generators):
+        raise ValueError(f"{len(generators)} generators for a batch of {shape[0]}")
+    return randn_tensor(tuple(shape), generator=generators, device=bundle.device, dtype=bundle.dtype)
 
 
-def encode_image(bundle, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/f, W/f), sampled from the VAE posterior."""
-    moments = bundle.backend.vae_encode(pixels.to(bundle.device, bundle.dtype))
-    return DiagonalGaussianDistribution(moments).sample(generator) * bundle.manifest.scaling_factor
+def encode_image(bundle, pixels: torch.Tensor, generators: Generators) -> torch.Tensor:
+    """(1, 3, H, W) in [-1, 1] -> scaled latents (n, 4, H/f, W/f), one posterior sample per generator
+    (encoded once: the posterior of one picture is the same for every image of the batch)."""
+    posterior = DiagonalGaussianDistribution(bundle.backend.vae_encode(pixels.to(bundle.device, bundle.dtype)))
+    # one sample per generator, concatenated, as diffusers does: this keeps the posterior's memory layout
+    # (a strided view), and with it the UNet's rounding; a copy to a contiguous batch changes the last bits
+    samples = [posterior.sample(g) for g in generators]
+    return (torch.cat(samples) if len(samples) > 1 else samples[0]) * bundle.manifest.scaling_factor
 
 
 def decode(bundle, latents: torch.Tensor) -> list:
@@ -120,7 +134,7 @@ def _step_kwargs(scheduler, generator, eta: float) -> dict:
     return kw
 
 
-def denoise(bundle, scheduler, inputs: LoopInputs, *, generator, eta: float = 0.0,
+def denoise(bundle, scheduler, inputs: LoopInputs, *, generator: Generators, eta: float = 0.0,
             callback: StepCallback | None = None) -> torch.Tensor:
     """Run the scheduler over `inputs.timesteps`; returns the final scaled latents (B, 4, h, w)."""
     latents, g, known = inputs.latents, inputs.guidance, inputs.known

@@ -26,25 +26,31 @@ ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "ddpm": ("DDPMScheduler", {}),
 }
 
-# Names AUTOMATIC1111 writes in its "Sampler:" field, so PNG metadata reads the same in other tools.
-A1111_NAMES = {
-    "dpm++2m": "DPM++ 2M",
-    "dpm++2m-karras": "DPM++ 2M Karras",
-    "euler": "Euler",
-    "euler-a": "Euler a",
-    "ddim": "DDIM",
-    "pndm": "PLMS",
-    "lms": "LMS",
-    "heun": "Heun",
-    "unipc": "UniPC",
-    "ddpm": "DDPM",
-}
-
 CLASS_NAMES = sorted(e.name for e in KarrasDiffusionSchedulers)
 
 
 def scheduler_choices() -> list[str]:
     return list(ALIASES) + CLASS_NAMES
+
+
+# The corrections diffusers' Stable Diffusion pipelines make to an old scheduler config when they are built
+# (StableDiffusionPipeline, Img2Img and Inpaint: steps_offset and clip_sample; Inpaint also skip_prk_steps;
+# the x4 upscale pipeline makes none). A model run here must get the scheduler diffusers' pipeline runs.
+FIXES = {"steps_offset": (lambda v: v != 1, 1), "clip_sample": (lambda v: v is True, False),
+         "skip_prk_steps": (lambda v: v is False, True)}
+PIPELINE_FIXES = ("steps_offset", "clip_sample")
+INPAINT_FIXES = PIPELINE_FIXES + ("skip_prk_steps",)
+
+
+def pipeline_config(model_config: dict, fixes: tuple[str, ...] = PIPELINE_FIXES) -> dict:
+    """`model_config` as the diffusers pipeline that applies `fixes` corrects it (keys it lacks stay absent,
+    as diffusers only corrects a key the config has)."""
+    config = dict(model_config)
+    for key in fixes:
+        wrong, right = FIXES[key]
+        if key in config and wrong(config[key]):
+            config[key] = right
+    return config
 
 
 def make_scheduler(name: str | None, model_config: dict):
@@ -67,12 +73,38 @@ def make_scheduler(name: str | None, model_config: dict):
     return cls.from_config(config, **overrides)
 
 
-def display_name(name: str | None, model_config: dict) -> str:
-    """The sampler's name as other SD tools show it in PNG metadata."""
-    if name in A1111_NAMES:
-        return A1111_NAMES[name]
-    cls_name = name or model_config.get("_class_name", "")
-    for alias, (cls, overrides) in ALIASES.items():
-        if cls == cls_name and not overrides.get("use_karras_sigmas"):
-            return A1111_NAMES[alias]
-    return cls_name
+# AUTOMATIC1111 1.10's sampler labels for the diffusers schedulers that run the same method. A scheduler
+# with no label here (DDPM, DEIS, DPM-Solver single-step, PNDM with its Runge-Kutta warm-up) gets none:
+# A1111 replays an unknown label as DPM++ 2M without a word, so only the JSON chunk names it.
+A1111_SAMPLERS = {
+    "EulerDiscreteScheduler": "Euler", "EulerAncestralDiscreteScheduler": "Euler a", "LMSDiscreteScheduler": "LMS",
+    "HeunDiscreteScheduler": "Heun", "KDPM2DiscreteScheduler": "DPM2", "KDPM2AncestralDiscreteScheduler": "DPM2 a",
+    "DPMSolverSDEScheduler": "DPM++ SDE", "DDIMScheduler": "DDIM", "UniPCMultistepScheduler": "UniPC",
+    "LCMScheduler": "LCM",
+}
+A1111_MULTISTEP = {("dpmsolver++", 2): "DPM++ 2M", ("sde-dpmsolver++", 2): "DPM++ 2M SDE"}
+A1111_TIMESTEP_SAMPLERS = {"DDIM", "PLMS", "UniPC"}  # A1111 runs these on timesteps: they take no schedule type
+
+
+def a1111_sampler(scheduler) -> tuple[str | None, str | None]:
+    """(Sampler, Schedule type) as AUTOMATIC1111 >= 1.9 writes them for the method `scheduler` runs, or None
+    where A1111 has no such sampler (or schedule).
+
+    The schedule type is always written for a k-diffusion sampler: a bare "DPM++ 2M" is replayed by A1111
+    with its default, Karras. diffusers' own spacing is A1111's "Uniform" for Euler, LMS and Heun, and
+    closest to "SGM Uniform" for the DPM-Solver family (its timesteps are linspace(0, 999, n + 1)).
+    """
+    cls, cfg = type(scheduler).__name__, scheduler.config
+    if cls == "DPMSolverMultistepScheduler":
+        name = A1111_MULTISTEP.get((cfg.algorithm_type, cfg.solver_order))
+    elif cls == "PNDMScheduler":
+        name = "PLMS" if cfg.skip_prk_steps else None
+    else:
+        name = A1111_SAMPLERS.get(cls)
+    if name is None or name in A1111_TIMESTEP_SAMPLERS:
+        return name, None
+    if getattr(cfg, "use_karras_sigmas", False):
+        return name, "Karras"
+    if getattr(cfg, "use_exponential_sigmas", False):
+        return name, "Exponential"
+    return name, "SGM Uniform" if cls.startswith("DPMSolver") else "Uniform"

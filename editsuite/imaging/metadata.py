@@ -16,6 +16,7 @@ Every PNG editsuite writes carries two text chunks:
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,24 +34,27 @@ def a1111_parameters(settings: dict[str, Any]) -> str:
     """The AUTOMATIC1111 `parameters` text for `settings`.
 
     Keys read (all optional; missing or None values are left out, as A1111 does):
-    `prompt`, `negative_prompt` (line omitted when empty), `steps`, `sampler` (the human sampler
-    name, e.g. "DPM++ 2M"; `scheduler` is used when there is no `sampler`), `guidance_scale`,
-    `seed`, `width` and `height` (written as "Size: WxH"), `model_hash`, `model_name`, `strength`
-    (written as "Denoising strength", and only when `task` is not "txt2img"), and `extra`, a
-    dict of further "Key: value" pairs appended in order (e.g. {"Mask blur": 4}).
+    `prompt`, `negative_prompt` (line omitted when empty), `steps`, `sampler` and `schedule_type`
+    (A1111's labels, e.g. "DPM++ 2M" and "Karras"; a sampler A1111 does not know is left out, never
+    replaced by a class name), `guidance_scale`, `seed`, `width` and `height` (written as "Size: WxH";
+    `a1111_size` takes its place when given), `model_hash`, `model_name` (",", ":" and line breaks become "_": readers split on them even when
+    quoted), `strength` (written as "Denoising strength", and only when `task` is not "txt2img"), and
+    `extra`, a dict of further "Key: value" pairs appended in order (e.g. {"Mask blur": 4}).
 
     Values containing a comma, colon or newline are JSON-quoted, as A1111 does. Floats that are
     whole numbers are written without ".0" (7.0 -> "7").
     """
     fields: list[tuple[str, Any]] = [
         ("Steps", settings.get("steps")),
-        ("Sampler", settings.get("sampler") or settings.get("scheduler")),
+        ("Sampler", settings.get("sampler")),
+        ("Schedule type", settings.get("schedule_type")),
         ("CFG scale", settings.get("guidance_scale")),
         ("Seed", settings.get("seed")),
     ]
     width, height = settings.get("width"), settings.get("height")
-    fields.append(("Size", f"{width}x{height}" if width is not None and height is not None else None))
-    fields += [("Model hash", settings.get("model_hash")), ("Model", settings.get("model_name"))]
+    size = f"{width}x{height}" if width is not None and height is not None else None
+    fields.append(("Size", settings.get("a1111_size") or size))
+    fields += [("Model hash", settings.get("model_hash")), ("Model", _plain(settings.get("model_name")))]
     if settings.get("task") != "txt2img":
         fields.append(("Denoising strength", settings.get("strength")))
     fields += list((settings.get("extra") or {}).items())
@@ -63,7 +67,9 @@ def a1111_parameters(settings: dict[str, Any]) -> str:
     if negative:
         lines.append(f"Negative prompt: {negative}")
     lines.append(params)
-    return "\n".join(lines).strip()
+    # An empty prompt keeps its (empty) first line: A1111 strips it, and sd-prompt-reader then reads the
+    # settings line as the prompt; A1111 and sd-parsers read the text either way.
+    return "\n".join(lines).rstrip()
 
 
 def png_info(settings: dict[str, Any]) -> PngImagePlugin.PngInfo:
@@ -115,6 +121,11 @@ def _format(value: Any) -> str:
     return str(value)
 
 
+def _plain(name: Any) -> Any:
+    """A name without the characters infotext readers split on (sd-parsers drops a quoted "a:b" value)."""
+    return re.sub(r"\s*[,:\r\n]+\s*", "_", name) if isinstance(name, str) else name
+
+
 def _quote(text: str) -> str:
     """A1111's infotext quoting: JSON-quote a value containing ',', ':' or a newline."""
     if "," not in text and ":" not in text and "\n" not in text:
@@ -132,17 +143,23 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-# extra settings written into the A1111 `parameters` text, as AUTOMATIC1111 names them
-A1111_EXTRA = {"mask_blur": "Mask blur", "padding": "Masked area padding",
-               "noise_level": "Noise level", "scale": "Upscale", "tile": "Tile size", "overlap": "Tile overlap"}
+# Extra settings written into the A1111 `parameters` text under the keys AUTOMATIC1111 itself writes; the
+# rest (outpaint sides, feather, the x4 upscaler's noise level, scale and tile size) has no A1111 key and
+# stays in the JSON chunk only.
+A1111_EXTRA = {"mask_blur": "Mask blur"}
 
 
 def png_settings(settings: dict) -> dict:
     """Settings plus the keys the A1111 `parameters` text reads (model name and hash, extras)."""
     model = settings.get("model", {})
     extra = {label: settings[k] for k, label in A1111_EXTRA.items() if settings.get(k) not in (None, False, 0)}
+    if settings.get("invert_mask"):
+        extra["Mask mode"] = "Inpaint not masked"
     if settings.get("only_masked"):
         extra["Inpaint area"] = "Only masked"
-    else:
-        extra.pop("Masked area padding", None)
-    return {**settings, "model_name": model.get("name"), "model_hash": model.get("model_hash"), "extra": extra}
+        extra["Masked area padding"] = settings.get("padding")
+    out = {**settings, "model_name": model.get("name"), "model_hash": model.get("model_hash"), "extra": extra}
+    if settings.get("tile_size"):  # A1111's "SD upscale" script: Size is the tile's, the picture is Lanczos'
+        extra.update({"SD upscale overlap": settings.get("overlap"), "SD upscale upscaler": "Lanczos"})
+        out["a1111_size"] = "x".join(map(str, settings["tile_size"]))
+    return out

@@ -11,7 +11,7 @@ import PIL.Image
 from editsuite.bundle.manifest import ModelKind
 from editsuite.core import loop
 from editsuite.core.prompts import encode_prompt
-from editsuite.core.schedulers import display_name, make_scheduler
+from editsuite.core.schedulers import PIPELINE_FIXES, a1111_sampler, make_scheduler, pipeline_config
 from editsuite.errors import UserError
 from editsuite.imaging.output import MAX_SIDE
 
@@ -27,6 +27,11 @@ class TaskResult:
 
     images: list[PIL.Image.Image]
     metadata: dict[str, Any]
+
+    def image_settings(self, index: int) -> dict[str, Any]:
+        """The settings of image `index` alone: its own seed (`seed + index`, which reproduces it with one
+        image) and its place in the batch."""
+        return {**self.metadata, "seed": self.metadata["seed"] + index, "batch_index": index}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +99,8 @@ class Task:
 
     name: ClassVar[str] = ""
     kinds: ClassVar[tuple[ModelKind, ...]] = (ModelKind.BASE,)
+    # the scheduler-config corrections of the diffusers pipeline this task matches (see schedulers.FIXES)
+    scheduler_fixes: ClassVar[tuple[str, ...]] = PIPELINE_FIXES
 
     def __init__(self, bundle):
         if bundle.kind not in self.kinds:
@@ -106,16 +113,23 @@ class Task:
 
     # -- pieces every run uses -------------------------------------------------------------------------
 
-    def start(self, common: Common):
-        """Validated settings, the guidance, a fresh scheduler and the seeded generator."""
+    def start(self, common: Common, fixes: tuple[str, ...] | None = None):
+        """Validated settings, the guidance, a fresh scheduler and the generators (image i: seed + i)."""
         c = common.validated()
-        scheduler = make_scheduler(c.scheduler, self.bundle.scheduler_config)
+        scheduler = self.new_scheduler(c.scheduler, fixes)
         guidance = encode_prompt(self.bundle, c.prompt, c.negative_prompt, c.num_images, c.guidance_scale)
-        return c, guidance, scheduler, loop.generator_for(c.seed)
+        return c, guidance, scheduler, loop.generators_for(c.seed, c.num_images)
+
+    def new_scheduler(self, name: str | None, fixes: tuple[str, ...] | None = None):
+        """A fresh scheduler: `name` built from the model's config as the matching diffusers pipeline
+        corrects it (`fixes`, the task's own by default)."""
+        config = pipeline_config(self.bundle.scheduler_config, self.scheduler_fixes if fixes is None else fixes)
+        return make_scheduler(name, config)
 
     def metadata(self, c: Common, width: int, height: int, **extra) -> dict[str, Any]:
         from editsuite import __version__
 
+        sampler, schedule_type = a1111_sampler(self.new_scheduler(c.scheduler))
         return {
             "task": self.name,
             "prompt": c.prompt,
@@ -124,7 +138,8 @@ class Task:
             "guidance_scale": c.guidance_scale,
             "seed": c.seed,
             "scheduler": c.scheduler or self.bundle.scheduler_config.get("_class_name"),
-            "sampler": display_name(c.scheduler, self.bundle.scheduler_config),
+            "sampler": sampler,  # AUTOMATIC1111's names, or None where it has none
+            "schedule_type": schedule_type,
             "num_images": c.num_images,
             "eta": c.eta,
             "width": width,

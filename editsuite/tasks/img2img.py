@@ -30,7 +30,6 @@ def img2img_latents(task: Task, pixels: torch.Tensor, c: Common, guidance, sched
     if len(timesteps) == 0:
         return None
     init = loop.encode_image(b, pixels, gen)
-    init = torch.cat([init] * (c.num_images // init.shape[0]), dim=0)
     latents = sched.add_noise(init, loop.noise(init.shape, gen, b), timesteps[:1].repeat(c.num_images))
     return loop.denoise(b, sched, loop.LoopInputs(latents, timesteps, guidance), generator=gen, eta=c.eta,
                         callback=callback)

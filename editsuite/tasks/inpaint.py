@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from editsuite.bundle.manifest import ModelKind
 from editsuite.core import loop
+from editsuite.core.schedulers import INPAINT_FIXES
 from editsuite.errors import UserError
 from editsuite.imaging.io import open_image, open_mask
 from editsuite.tasks.base import (DEFAULT_GUIDANCE, DEFAULT_STEPS, Common, Task, TaskResult, check_size,
@@ -36,6 +37,7 @@ def checked_mask(image: PIL.Image.Image, mask: PIL.Image.Image, *, resize_mask: 
 class Inpaint(Task):
     name = "inpaint"
     kinds = (ModelKind.BASE, ModelKind.INPAINTING)
+    scheduler_fixes = INPAINT_FIXES
 
     def run(self, image, mask, prompt: str = "", *, strength: float = 1.0, mask_blur: int = 0,
             only_masked: bool = False, padding: int = 32, invert_mask: bool = False, resize_mask: bool = False,
@@ -86,15 +88,17 @@ class Inpaint(Task):
         n, nine = c.num_images, m.kind is ModelKind.INPAINTING
         image_latents = None
         if not nine or strength < 1.0:
-            image_latents = loop.encode_image(b, pixels, gen).repeat(n, 1, 1, 1)
+            image_latents = loop.encode_image(b, pixels, gen).contiguous()  # diffusers' repeat copies it contiguous
         noise = loop.noise((n, m.latent_channels, h // f, w // f), gen, b)
         if strength == 1.0:
             latents = noise * sched.init_noise_sigma
         else:
             latents = sched.add_noise(image_latents, noise, timesteps[:1].repeat(n))
         mask_lat = F.interpolate(mask_t, size=(h // f, w // f)).to(b.device, b.dtype).repeat(n, 1, 1, 1)
-        # diffusers encodes the masked image for 4-channel models too; drawn here to keep the seed's order
-        masked_lat = loop.encode_image(b, pixels * (mask_t < 0.5), gen).repeat(n, 1, 1, 1)
+        # diffusers encodes the masked image for 4-channel models too; drawn here to keep the seed's order.
+        # Each image's own generator draws its sample, so image i is reproduced alone by seed + i (diffusers
+        # draws this one sample from the first generator for the whole batch: images after the first differ)
+        masked_lat = loop.encode_image(b, pixels * (mask_t < 0.5), gen)
         inputs = loop.LoopInputs(latents, timesteps, guidance)
         if nine:
             rep = 2 if guidance.do_cfg else 1

@@ -8,7 +8,6 @@ import torch
 
 from editsuite.bundle.manifest import ModelKind
 from editsuite.core import loop
-from editsuite.core.schedulers import make_scheduler
 from editsuite.errors import UserError
 from editsuite.imaging.io import open_image
 from editsuite.tasks.base import DEFAULT_STEPS, Common, Task, TaskResult, check_strength
@@ -66,13 +65,15 @@ class Upscale(Task):
         b, m = self.bundle, self.bundle.manifest
         if not 0 <= noise_level <= m.max_noise_level:
             raise UserError(f"noise level must be between 0 and {m.max_noise_level} (got {noise_level})")
-        c, guidance, sched, gen = self.start(common)
+        c, guidance, sched, gen = self.start(common, fixes=())  # diffusers' x4 pipeline corrects nothing
         low = loop.image_processor(b, resample="bicubic").preprocess(image).to(b.device, b.dtype)
         timesteps = loop.schedule(sched, c.steps, b.device)
         level = torch.tensor([noise_level], dtype=torch.long, device=b.device)
-        low = b.low_res_scheduler.add_noise(low, loop.noise(low.shape, gen, b), level)
-        rep = (2 if guidance.do_cfg else 1) * c.num_images
-        low = torch.cat([low] * rep)
+        # the low-res image's noise: one draw per image from its own generator, so image i is reproduced alone
+        # by seed + i (diffusers draws it once, from the first generator, for the whole batch)
+        low = low.repeat(c.num_images, 1, 1, 1)
+        low = b.low_res_scheduler.add_noise(low, loop.noise(low.shape, gen, b), level.repeat(c.num_images))
+        low = torch.cat([low] * (2 if guidance.do_cfg else 1))
         h, w = low.shape[2:]
         latents = loop.noise((c.num_images, m.latent_channels, h, w), gen, b) * sched.init_noise_sigma
         inputs = loop.LoopInputs(latents, timesteps, guidance, extra_channels=low,
@@ -108,7 +109,7 @@ class Upscale(Task):
         for y in ys:
             for x in xs:
                 crop = big.crop((x, y, x + tw, y + th))
-                sched = make_scheduler(c.scheduler, b.scheduler_config)  # fresh per tile; one generator runs on
+                sched = self.new_scheduler(c.scheduler)  # fresh per tile; the generators run on
                 latents = img2img_latents(self, proc.preprocess(crop), c, guidance, sched, gen, strength, callback)
                 tiles = loop.decode(b, latents) if latents is not None else [crop] * c.num_images
                 wgt = tile_weights(th, tw, overlap, (y > 0, y + th < target[1], x > 0, x + tw < target[0]))[..., None]
@@ -116,4 +117,4 @@ class Upscale(Task):
                     acc[i, y:y + th, x:x + tw] += np.asarray(t, np.float64) * wgt
                 wsum[y:y + th, x:x + tw] += wgt
         out = [PIL.Image.fromarray(np.clip(np.round(a / wsum), 0, 255).astype(np.uint8)) for a in acc]
-        return TaskResult(out, {**meta, "tiles": len(xs) * len(ys)})
+        return TaskResult(out, {**meta, "tiles": len(xs) * len(ys), "tile_size": [tw, th]})
