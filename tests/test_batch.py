@@ -327,3 +327,93 @@ def test_an_output_renamed_but_not_journaled_is_finished_not_redone(tmp_path, ca
     assert {p: p.stat().st_mtime_ns for p in outputs} == outputs
     done = [json.loads(line) for line in journal.read_text().splitlines()]
     assert sorted(r["status"] for r in done) == ["done", "done"]
+
+
+def test_an_item_over_the_output_bound_fails_before_the_model_loads(tmp_path):
+    """outpaint left = 20000 (or a picture over max_output_pixels) fails its items with one line each, and the
+    model is never loaded: the recipe's model does not even exist."""
+    _scenes(tmp_path / "in", 2)
+    text = BASE.replace('task = "img2img"', 'task = "outpaint"\nmodel = "no-such-model"').replace(
+        "strength = 0.5", "left = 20000")
+    results = list(Batch(load_recipe(_write_recipe(tmp_path, text))).run())
+    assert [r.status for r in results] == ["failed", "failed"]
+    assert all("20064x64 pixels; at most 16384 a side" in r.reason for r in results)
+    small = BASE.replace('task = "img2img"', 'task = "outpaint"\nmodel = "no-such-model"\nmax_output_pixels = 5000'
+                         ).replace("strength = 0.5", "left = 16")
+    results = list(Batch(load_recipe(_write_recipe(tmp_path / "b", small.replace("in/*.png", "../in/*.png")))).run())
+    assert all("80x64 = 5,120 pixels, over the bound of 5,000" in r.reason for r in results)
+    assert not (tmp_path / "out").exists() or not any(p.suffix == ".png" for p in (tmp_path / "out").iterdir())
+
+
+def test_a_read_only_output_folder_is_one_error_before_the_model_loads(tmp_path, read_only):
+    _scenes(tmp_path / "in", 2)
+    text = BASE.replace('task = "img2img"', 'task = "img2img"\nmodel = "no-such-model"').replace(
+        'folder = "out"', f'folder = "{read_only}"')
+    with pytest.raises(UserError, match="it is on a read-only file system"):
+        list(Batch(load_recipe(_write_recipe(tmp_path, text))).run())
+
+
+KILL_AT = r"""
+import os, signal, sys
+from pathlib import Path
+from editsuite.batch import runner
+from editsuite.cli.app import main
+from editsuite.imaging import output
+
+point, target, recipe = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+seen = {"saves": 0, "lines": 0}
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+real_move = output._move_no_clobber
+def move(tmp, path):  # the last step of save_atomic: the whole temporary file becomes the output
+    hit = seen["saves"] == target
+    seen["saves"] += 1
+    if hit and point == "before-rename":
+        die()
+    real_move(tmp, path)
+    if hit and point == "after-rename":
+        die()
+output._move_no_clobber = move
+
+real_fsync = os.fsync
+def fsync(fd):  # the journal's line is written and flushed: tear it in half before it is made durable
+    if os.readlink(f"/proc/self/fd/{fd}").endswith(runner.JOURNAL) and point == "torn-journal":
+        seen["lines"] += 1
+        if seen["lines"] == target + 1:
+            size = os.fstat(fd).st_size
+            last = Path(os.readlink(f"/proc/self/fd/{fd}")).read_bytes().rsplit(b"\n", 2)[-2]
+            os.ftruncate(fd, size - len(last) // 2 - 1)
+            die()
+    real_fsync(fd)
+os.fsync = fsync
+sys.exit(main(["batch", recipe, "-q"]))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="aims through /proc/self/fd (Linux)")
+def test_sigkill_aimed_at_each_window_of_a_save(tmp_path):
+    """SIGKILL exactly between a temporary file and its rename, then (on the rerun) between a rename and its
+    journal line, then in the middle of a journal line: each leaves the state aimed at, each rerun recovers
+    from it, and the last ends with each output once, equal to an uninterrupted run, each journaled once."""
+    _scenes(tmp_path / "in", 4)
+    path = _write_recipe(tmp_path, BASE.replace("steps = 4", "steps = 2"))
+    reference = _fast(load_recipe(path), tmp_path / "reference", steps=2)
+    expected = {r.output.name: _decode(r.output) for r in Batch(reference).run()}
+    out = tmp_path / "out"
+
+    def kill_at(point, target):
+        assert subprocess.run([sys.executable, "-c", KILL_AT, point, str(target), str(path)]).returncode == \
+            -signal.SIGKILL
+        _check_partial(out, expected)
+        return sorted(p.name for p in out.glob("*.png")), (out / JOURNAL).read_text().splitlines()
+
+    made, lines = kill_at("before-rename", 1)  # the second output: a whole temporary file, not renamed
+    assert len(made) == 1 and len(lines) == 1 and len(list(out.glob(".*.tmp"))) == 1
+    made, lines = kill_at("after-rename", 0)  # the rerun's first save: renamed, not journaled
+    assert len(made) == 2 and len(lines) == 1 and not list(out.glob(".*.tmp"))
+    made, lines = kill_at("torn-journal", 1)  # the rerun journals the renamed one, then tears the next line
+    assert len(made) == 3 and len(lines) == 3 and lines[1].endswith("}") and not lines[2].endswith("}")
+    assert subprocess.run([sys.executable, "-m", "editsuite.cli.app", "batch", str(path), "-q"]).returncode == 0
+    _check_complete(out, expected)

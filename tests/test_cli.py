@@ -289,10 +289,17 @@ def test_names_longer_than_the_file_system_allows_are_one_line(models, work, cap
 
 @pytest.mark.parametrize("args,expect", [
     (["txt2img", "--width", "100000"], "width must be at most 16384"),
-    (["txt2img", "-N", "100000"], "over --max-output-pixels"),
+    (["txt2img", "-N", "100000"], "over the bound of 16,777,216"),
     (["outpaint", "photo.png", "--expand", "20000"], "at most 16384 a side"),
-    (["upscale", "photo.png", "--scale", "nan"], "--scale must be a positive number"),
-    (["txt2img", "-N", "3", "--max-output-pixels", "10000"], "over --max-output-pixels 10,000"),
+    (["upscale", "photo.png", "--scale", "nan"], "scale must be a positive number (got nan)"),
+    (["txt2img", "-N", "3", "--max-output-pixels", "10000"], "over the bound of 10,000"),
 ])
 def test_outputs_too_big_are_refused_before_the_run(models, work, capsys, args, expect):
     _bad(work, capsys, [*args, "-p", "x", "-m", models["base"], *FAST], expect)
+
+
+@pytest.mark.parametrize("target", ["out.png", "sub/dir", "."])
+def test_read_only_output_is_one_line_before_the_model_loads(work, capsys, read_only, target):
+    """The model does not exist: the output folder is refused first, so nothing loads or runs."""
+    _bad(work, capsys, ["txt2img", "-p", "x", "-m", "no-such-model", "-o", read_only / target, *FAST],
+         "it is on a read-only file system", "choose another output folder")

@@ -332,6 +332,10 @@ def test_rerun_repairs_a_half_written_tokenizer_and_package(sources, tmp_path):
     assert (te / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").is_file()
     assert load_bundle(out).tokenizer("a red circle").input_ids == \
         load_bundle(sources["sd1"], backend="torch", device="cpu").tokenizer("a red circle").input_ids
+    manifest = out / "coreml-manifest.json"  # a rerun reads the old manifest through the same checks
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "packages": ["unet"]}))
+    with pytest.raises(UserError, match="'packages' must be JSON objects"):
+        convert(sources["sd1"], out, components=["text_encoder"])
 
 
 def _tamper(name):

@@ -1,6 +1,7 @@
 """Task behaviour beyond parity: strength 0, cancelling, seamless tiles, outpaint canvas, callbacks."""
 
 import itertools
+import re
 
 import numpy as np
 import PIL.Image
@@ -118,3 +119,21 @@ def test_preview_from_a_step_callback(base):
 def test_a_size_over_the_limit_is_refused_by_the_python_api_too(base):
     with pytest.raises(editsuite.UserError, match="width must be at most 16384 pixels"):
         editsuite.Txt2Img(base).run("x", width=100000, height=64, steps=1, seed=0)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda base, photo: editsuite.Txt2Img(base).run("x", num_images=100000, steps=1, seed=0),
+     "100000 x 64x64 = 409,600,000 pixels, over the bound of 16,777,216"),
+    (lambda base, photo: editsuite.Outpaint(base).run(photo, "x", left=20000, steps=1, seed=0),
+     "the output would be 20064x64 pixels; at most 16384 a side"),
+    (lambda base, photo: editsuite.Upscale(base, max_output_pixels=2_000_000).run(photo, "x", scale=8, num_images=9),
+     "9 x 512x512 = 2,359,296 pixels, over the bound of 2,000,000"),
+    (lambda base, photo: editsuite.Img2Img(base, max_output_pixels=8000).run(photo, "x", num_images=2, steps=1),
+     "2 x 64x64 = 8,192 pixels, over the bound of 8,000"),
+])
+def test_a_run_over_the_output_bound_is_refused_before_any_work(base, photo, make, message):
+    """The Python API bounds a run's pictures as the CLI does (a memory traceback otherwise); the bound is the
+    task's `max_output_pixels`."""
+    with pytest.raises(editsuite.UserError, match=re.escape(message)):
+        make(base, photo)
+    assert len(editsuite.Img2Img(base, max_output_pixels=8192).run(photo, "x", num_images=2, steps=1).images) == 2

@@ -3,6 +3,7 @@
     task = "inpaint"                 # txt2img, img2img, inpaint, outpaint, upscale
     model = "path/to/model"          # optional: default the built-in demo model; relative to the recipe
     max_pixels = 40000000            # optional: inputs with more pixels are refused
+    max_output_pixels = 16777216     # optional: an item whose picture would have more pixels is refused
 
     [inputs]
     images = ["photos/*.png", "more/"]   # files, folders and globs, relative to the recipe
@@ -45,9 +46,9 @@ from typing import Any
 
 from editsuite.errors import UserError
 from editsuite.imaging.io import DEFAULT_MAX_PIXELS
-from editsuite.imaging.output import IMAGE_EXTENSIONS
+from editsuite.imaging.output import DEFAULT_MAX_OUTPUT_PIXELS, IMAGE_EXTENSIONS
 
-TOP_KEYS = {"task", "model", "max_pixels", "inputs", "params", "output", "seed"}
+TOP_KEYS = {"task", "model", "max_pixels", "max_output_pixels", "inputs", "params", "output", "seed"}
 INPUT_KEYS = {"images", "mask", "masks", "prompts"}
 OUTPUT_KEYS = {"folder", "name"}
 SEED_KEYS = {"base", "mode"}
@@ -85,6 +86,7 @@ class Recipe:
     name: str
     seed_base: int
     seed_mode: str
+    max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS
 
     @property
     def label(self) -> str:
@@ -308,6 +310,9 @@ def load_recipe(path: str | Path) -> Recipe:
     max_pixels = data.get("max_pixels", DEFAULT_MAX_PIXELS)
     if not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels < 1:
         _fail(label, "max_pixels", max_pixels, "a positive integer")
+    max_output_pixels = data.get("max_output_pixels", DEFAULT_MAX_OUTPUT_PIXELS)
+    if not isinstance(max_output_pixels, int) or isinstance(max_output_pixels, bool) or max_output_pixels < 1:
+        _fail(label, "max_output_pixels", max_output_pixels, "a positive integer")
 
     inputs = _table(label, data, "inputs", INPUT_KEYS)
     images = inputs.get("images", [])
@@ -367,7 +372,7 @@ def load_recipe(path: str | Path) -> Recipe:
 
     recipe = Recipe(path=path, task=task, model=model, max_pixels=max_pixels, images=tuple(images), mask=mask,
                     masks=masks, prompts=tuple(prompts), params=params, folder=Path(os.path.normpath(path.parent / folder)),
-                    name=name, seed_base=seed_base, seed_mode=seed_mode)
+                    name=name, seed_base=seed_base, seed_mode=seed_mode, max_output_pixels=max_output_pixels)
     recipe._output(stem="x", index=0, seed=0)  # a bad name pattern fails now, not on the first item
     return recipe
 

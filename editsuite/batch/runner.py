@@ -136,21 +136,30 @@ class Batch:
                     p.unlink(missing_ok=True)
 
     def _precheck(self, item: Item) -> None:
-        """Refuse what can be refused before the model loads: missing files, huge images."""
+        """Refuse what can be refused before the model loads: missing files, huge inputs and outputs."""
         from editsuite.imaging.io import peek_size
+        from editsuite.imaging.output import check_output_size
+        from editsuite.tasks import TASKS
 
-        for path, what in ((item.image, "image"), (item.mask, "mask")):
-            if path is not None:
-                peek_size(path, what=what, max_pixels=self.recipe.max_pixels)
+        sizes = {what: peek_size(path, what=what, max_pixels=self.recipe.max_pixels)
+                 for path, what in ((item.image, "image"), (item.mask, "mask")) if path is not None}
+        out = TASKS[self.recipe.task].output_size(self.recipe.params, sizes.get("image"))
+        if out is not None:
+            check_output_size([out], 1, self.recipe.max_output_pixels)
 
     def run(self, *, should_stop: Callable[[], bool] = lambda: False,
             on_step: Callable | None = None) -> Iterator[ItemResult]:
         from editsuite.core.loop import Cancelled
 
+        from editsuite.imaging.output import check_writable
+
         self._clean_temporaries()
         records = self.journal.finished()
+        plan = self.plan(records)
+        if any(action == "run" for _, action in plan):
+            check_writable(self.recipe.folder)  # before the journal and the model: a read-only folder, one line
         todo = []
-        for item, action in self.plan(records):
+        for item, action in plan:
             if action == "finished":
                 rec = records.get(item.key)
                 if rec is None or rec.get("status") != "done":  # renamed but not journaled before a kill
@@ -189,7 +198,7 @@ class Batch:
     def _task(self):
         from editsuite.tasks import TASKS
 
-        return TASKS[self.recipe.task](self._load())
+        return TASKS[self.recipe.task](self._load(), max_output_pixels=self.recipe.max_output_pixels)
 
     def _one(self, task, item: Item, should_stop, on_step):
         from editsuite.imaging.io import open_image, open_mask

@@ -208,9 +208,10 @@ _MODEL_FIELDS = {  # editsuite's manifest "model": field -> (types, required)
 MAX_SIDE = 16384
 
 
-def check_manifest(data: dict, root: Path) -> dict:
+def check_manifest(data: dict, root: Path, *, complete: bool = True) -> dict:
     """editsuite's manifest, every field checked (a damaged or hand-edited one is a one-line error, never a
-    traceback); returns it. Also checks that the packages it lists and scheduler/ are there."""
+    traceback); returns it. With `complete` (a bundle to open) also checks that the packages it lists and
+    scheduler/ are there; a conversion that resumes checks only the fields, and redoes what is missing."""
     import math
 
     path = Path(root) / MANIFEST
@@ -259,8 +260,10 @@ def check_manifest(data: dict, root: Path) -> dict:
         bad("settings.chunk_unet must be true or false")
     for key, entry in packages.items():
         file = entry.get("file") if isinstance(entry, dict) else None
-        if not isinstance(file, str) or Path(file).name != file or not (Path(root) / file).is_dir():
+        if not isinstance(file, str) or Path(file).name != file:
+            bad(f"the package {key} has no plain file name ({file!r})")
+        if complete and not (Path(root) / file).is_dir():
             bad(f"the package {key} it lists ({file}) is missing")
-    if not (Path(root) / "scheduler" / "scheduler_config.json").is_file():
+    if complete and not (Path(root) / "scheduler" / "scheduler_config.json").is_file():
         bad("scheduler/scheduler_config.json is missing")
     return data

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,8 @@ from editsuite.core.schedulers import scheduler_choices
 from editsuite.errors import UserError
 from editsuite.imaging.io import open_image, open_mask
 from editsuite.imaging.metadata import png_info, png_settings
-from editsuite.imaging.output import DEFAULT_MAX_OUTPUT_PIXELS, check_output_size, output_paths, save_atomic
+from editsuite.imaging.output import (DEFAULT_MAX_OUTPUT_PIXELS, check_output_size, check_writable, output_paths,
+                                      save_atomic)
 from editsuite.tasks import TASKS
 from editsuite.tasks.base import Common, check_size, check_strength
 
@@ -63,17 +63,18 @@ def execute(job: Job) -> None:
         for im in images:
             checked_mask(im, mask, resize_mask=job.task_args["resize_mask"], invert_mask=job.task_args["invert_mask"])
     max_output = job.opt("max_output_pixels", DEFAULT_MAX_OUTPUT_PIXELS)
-    check_output_size(_planned_sizes(job, images), common.num_images, max_output)
+    task_cls = TASKS[job.task]
+    sizes = [task_cls.output_size(job.task_args, im.size if im else None) for im in images or [None]]
+    check_output_size([s for s in sizes if s is not None], common.num_images, max_output)
     # 3. Plan every output name; an existing file stops the run unless --overwrite
     n = common.num_images
     outs = output_paths(job.opt("output"), task=job.task, seeds=[common.seed + j for j in range(n)], inputs=paths or None,
                         n_per_input=n, overwrite=job.opt("overwrite"))
+    for folder in {p.parent for p in outs}:
+        check_writable(folder)
     # 4. Load the model once, build the task
     bundle = _load(job, quiet)
-    if job.task == "txt2img" and not (job.task_args.get("width") or job.task_args.get("height")):
-        side = bundle.manifest.native_resolution  # the size txt2img takes when none is given
-        check_output_size([(side, side)], common.num_images, max_output)
-    task = TASKS[job.task](bundle)
+    task = task_cls(bundle, max_output_pixels=max_output)  # checks what only the model tells (its own size)
     shown = {bundle.notice}
     # 5. Run each input, then save its outputs atomically
     run_args = dict(prompt=common.prompt, negative_prompt=common.negative_prompt, steps=common.steps,
@@ -104,28 +105,6 @@ def execute(job: Job) -> None:
                 typer.echo(f"wrote {out}", err=True)
     if as_json:
         typer.echo(json.dumps(written, indent=2, default=str))
-
-
-def _planned_sizes(job: Job, images) -> list[tuple[int, int]]:
-    """The size of each input's pictures, as far as it is known before the model loads (txt2img without a
-    size takes the model's own, checked by the task)."""
-    a = job.task_args
-    if job.task == "txt2img":
-        w, h = a.get("width"), a.get("height")
-        return [(w or h, h or w)] if (w or h) else []
-    if job.task == "upscale" and not (math.isfinite(a["scale"]) and a["scale"] > 0):
-        raise UserError(f"--scale must be a positive number (got {a['scale']})")
-    sizes = []
-    for im in images:
-        w, h = im.size
-        if job.task in ("img2img", "inpaint"):
-            w, h = a.get("width") or w, a.get("height") or h
-        elif job.task == "outpaint":
-            w, h = w + a["left"] + a["right"], h + a["top"] + a["bottom"]
-        elif job.task == "upscale":
-            w, h = round(w * a["scale"]), round(h * a["scale"])
-        sizes.append((w, h))
-    return sizes
 
 
 def _load(job: Job, quiet: bool):

@@ -36,7 +36,7 @@ import torch
 
 from editsuite.bundle.coreml_layout import (FORMAT, MANIFEST, META_KIND, META_LATENT_SCALE, META_PREDICTION,
                                             META_VAE_FACTOR, SWIFT_NAMES, model_version_of, package_name,
-                                            read_manifest)
+                                            check_manifest, read_manifest)
 from editsuite.bundle.coreml_backend import on_macos
 from editsuite.bundle.mil_executor import import_coremltools
 from editsuite.errors import UserError
@@ -307,6 +307,7 @@ def convert(source, out: str | os.PathLike, *, resolutions=(), attention: str = 
         identity["source"] = str(Path(source).resolve())
 
     if old is not None:
+        check_manifest(old, out, complete=False)  # a damaged manifest is one line, not a traceback mid-way
         if old.get("settings") != settings.to_dict() or old.get("model", {}).get("model_hash") != identity["model_hash"]:
             raise UserError(f"{out} holds a conversion with other settings or another model; pass --overwrite to "
                             "replace it or choose another -o")

@@ -101,6 +101,24 @@ DEFAULT_MAX_OUTPUT_PIXELS = 4096 * 4096  # a run's pictures, all together: 64 of
 MAX_SIDE = 16384
 
 
+def check_writable(folder: str | Path) -> None:
+    """Refuse, before anything loads, an output folder that cannot be written: on a read-only file system,
+    without write permission, or under a file. Writes nothing (the folder is made when the first file is
+    saved); the nearest existing folder up the path is the one asked."""
+    folder = Path(os.path.abspath(folder))
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise UserError(f"cannot write to '{folder}': '{existing}' is a file, not a folder; choose another -o")
+    if os.access(existing, os.W_OK | os.X_OK):
+        return
+    try:
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # no statvfs (Windows)
+        read_only = False
+    why = "it is on a read-only file system" if read_only else "permission denied"
+    raise UserError(f"cannot write to '{folder}' ({why}); choose another output folder with -o")
+
+
 def check_output_size(sizes: list[tuple[int, int]], n: int, limit: int) -> None:
     """Refuse, before anything loads, a run whose pictures would not fit: each side at most MAX_SIDE, and
     `n` images of each size at most `limit` pixels in all (the loop holds a run's images at once)."""
@@ -108,8 +126,9 @@ def check_output_size(sizes: list[tuple[int, int]], n: int, limit: int) -> None:
         if max(w, h) > MAX_SIDE:
             raise UserError(f"the output would be {w}x{h} pixels; at most {MAX_SIDE} a side")
         if w * h * n > limit:
-            raise UserError(f"the output would be {n} x {w}x{h} = {w * h * n:,} pixels, over --max-output-pixels "
-                            f"{limit:,}; ask for fewer or smaller pictures, or raise --max-output-pixels")
+            raise UserError(f"the output would be {n} x {w}x{h} = {w * h * n:,} pixels, over the bound of {limit:,}; "
+                            "ask for fewer or smaller pictures, or raise the bound (--max-output-pixels; "
+                            "max_output_pixels in a recipe or a task)")
 
 
 def output_paths(

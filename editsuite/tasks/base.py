@@ -13,7 +13,7 @@ from editsuite.core import loop
 from editsuite.core.prompts import encode_prompt
 from editsuite.core.schedulers import PIPELINE_FIXES, a1111_sampler, make_scheduler, pipeline_config
 from editsuite.errors import UserError
-from editsuite.imaging.output import MAX_SIDE
+from editsuite.imaging.output import DEFAULT_MAX_OUTPUT_PIXELS, MAX_SIDE, check_output_size
 
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 7.5
@@ -102,7 +102,9 @@ class Task:
     # the scheduler-config corrections of the diffusers pipeline this task matches (see schedulers.FIXES)
     scheduler_fixes: ClassVar[tuple[str, ...]] = PIPELINE_FIXES
 
-    def __init__(self, bundle):
+    def __init__(self, bundle, *, max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS):
+        """`max_output_pixels` bounds a run's pictures, all together (CLI: --max-output-pixels): a run over
+        it is refused before any work, instead of ending in an out-of-memory error."""
         if bundle.kind not in self.kinds:
             allowed = " or ".join(k.value for k in self.kinds)
             raise UserError(
@@ -110,6 +112,18 @@ class Task:
                 f"{bundle.kind.value} model; pass a suitable one with --model"
             )
         self.bundle = bundle
+        self.max_output_pixels = max_output_pixels
+
+    @classmethod
+    def output_size(cls, args: dict, image_size: tuple[int, int] | None) -> tuple[int, int] | None:
+        """The size of each picture a run with `args` (the run's keyword arguments) makes from an input of
+        `image_size`, as far as it is known before the model loads (None: not known yet). The CLI and
+        batches check it against the output bound before loading anything."""
+        w, h = image_size
+        return args.get("width") or w, args.get("height") or h
+
+    def check_output(self, width: int, height: int, num_images: int) -> None:
+        check_output_size([(width, height)], num_images, self.max_output_pixels)
 
     # -- pieces every run uses -------------------------------------------------------------------------
 

@@ -49,6 +49,7 @@ class Img2Img(Task):
         width, height = check_size(width, "width", f), check_size(height, "height", f)
         image = open_image(image)
         w, h = work_size(image, width, height, f)
+        self.check_output(w, h, num_images)
         # 2. Prompt, scheduler, generator
         c, guidance, sched, gen = self.start(
             Common(prompt, negative_prompt, steps, guidance_scale, seed, scheduler, num_images, eta))

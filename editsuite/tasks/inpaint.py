@@ -77,6 +77,7 @@ class Inpaint(Task):
             crop, mode = mask_proc.get_crop_region(mask, w, h, pad=crop_padding), "fill"
         else:
             w, h = work_size(image, width, height, f)
+        self.check_output(max(w, image.width), max(h, image.height), common.num_images)
         c, guidance, sched, gen = self.start(common)
         meta = self.metadata(c, w, h, **extra, crop=list(crop) if crop else None)
         timesteps = loop.schedule(sched, c.steps, b.device, strength)

@@ -37,6 +37,11 @@ def extend_canvas(image: PIL.Image.Image, left: int, right: int, top: int, botto
 class Outpaint(Inpaint):
     name = "outpaint"
 
+    @classmethod
+    def output_size(cls, args: dict, image_size: tuple[int, int]) -> tuple[int, int]:
+        w, h = image_size
+        return w + args.get("left", 0) + args.get("right", 0), h + args.get("top", 0) + args.get("bottom", 0)
+
     def run(self, image, prompt: str = "", *, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0,
             feather: int = 16, strength: float = 1.0, negative_prompt: str = "", steps: int = DEFAULT_STEPS,
             guidance_scale: float = DEFAULT_GUIDANCE, seed: int | None = None, scheduler: str | None = None,
@@ -48,6 +53,7 @@ class Outpaint(Inpaint):
         if not any(sides.values()):
             raise UserError("nothing to extend: give --left, --right, --top or --bottom (or --expand) in pixels")
         image = open_image(image)
+        self.check_output(*self.output_size(sides, image.size), num_images)  # before the canvas is made
         # 2. Canvas and masks, then the shared inpainting core
         canvas, mask, overlay = extend_canvas(image, left, right, top, bottom, feather)
         common = Common(prompt, negative_prompt, steps, guidance_scale, seed, scheduler, num_images, eta)

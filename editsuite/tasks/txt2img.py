@@ -11,6 +11,11 @@ class Txt2Img(Task):
     name = "txt2img"
     kinds = (ModelKind.BASE,)
 
+    @classmethod
+    def output_size(cls, args: dict, image_size=None) -> tuple[int, int] | None:
+        w, h = args.get("width"), args.get("height")
+        return (w or h, h or w) if (w or h) else None  # neither: the model's own size, known once it loads
+
     def run(self, prompt: str = "", *, width: int | None = None, height: int | None = None,
             negative_prompt: str = "", steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
             seed: int | None = None, scheduler: str | None = None, num_images: int = 1, eta: float = 0.0,
@@ -20,6 +25,7 @@ class Txt2Img(Task):
         f = m.vae_scale_factor
         width = check_size(width, "width", f) or m.native_resolution
         height = check_size(height, "height", f) or m.native_resolution
+        self.check_output(width, height, num_images)
         # 2. Prompt, scheduler, generator
         c, guidance, sched, gen = self.start(
             Common(prompt, negative_prompt, steps, guidance_scale, seed, scheduler, num_images, eta))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import PIL.Image
 import torch
@@ -45,6 +47,13 @@ class Upscale(Task):
     name = "upscale"
     kinds = (ModelKind.UPSCALER, ModelKind.BASE)
 
+    @classmethod
+    def output_size(cls, args: dict, image_size: tuple[int, int]) -> tuple[int, int]:
+        scale = args.get("scale", 4)
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise UserError(f"scale must be a positive number (got {scale})")
+        return round(image_size[0] * scale), round(image_size[1] * scale)
+
     def run(self, image, prompt: str = "", *, scale: float = 4, noise_level: int = 20, tile: int | None = None,
             overlap: int | None = None, strength: float = 0.3, negative_prompt: str = "", steps: int = DEFAULT_STEPS,
             guidance_scale: float | None = None, seed: int | None = None, scheduler: str | None = None,
@@ -52,6 +61,7 @@ class Upscale(Task):
         if not 1 <= scale <= 8:
             raise UserError(f"scale must be between 1 and 8 (got {scale})")
         image = open_image(image)
+        self.check_output(*self.output_size(dict(scale=scale), image.size), num_images)
         x4 = self.bundle.kind is ModelKind.UPSCALER
         guidance_scale = (9.0 if x4 else 7.5) if guidance_scale is None else guidance_scale
         common = Common(prompt, negative_prompt, steps, guidance_scale, seed, scheduler, num_images, eta)
