@@ -62,8 +62,14 @@ def test_every_package_verifies(bundles, name):
         assert c.psnr_db >= THRESHOLD_DB, (c.module, c.psnr_db)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("name", list(KINDS))
+# One variant per kind by default (each variant twice over the kinds, with the `bundles` conversions: sd1
+# split-einsum, sd2 v2, inpainting original, upscaler split-einsum); every pair with -m slow.
+FAST_VARIANTS = {("sd1", "original"), ("sd2", "split-einsum-v2"), ("inpainting", "split-einsum"),
+                 ("upscaler", "original")}
+
+
+@pytest.mark.parametrize("name,variant", [
+    pytest.param(n, v, marks=() if (n, v) in FAST_VARIANTS else pytest.mark.slow) for n in KINDS for v in VARIANTS])
 def test_unet_of_each_kind_and_variant(sources, tmp_path, name, variant, monkeypatch):
     import editsuite.convert.ane as ane
 
@@ -142,7 +148,7 @@ def test_int8_weights_are_compressed_and_the_token_table_is_not(bundles, sources
     assert gathers and all(g.inputs["x"].op.op_type == "const" for g in gathers)
 
 
-@pytest.mark.parametrize("bits", [6, 4])
+@pytest.mark.parametrize("bits", [pytest.param(6, marks=pytest.mark.slow), 4])  # Apple's 6-bit bundle: test_apple
 def test_palettized_unet_runs_in_the_executor(sources, tmp_path, bits):
     out = convert(sources["sd1"], tmp_path / "p", quantize_bits=bits, components=["unet"])
     (check,) = verify(out)

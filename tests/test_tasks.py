@@ -121,11 +121,38 @@ def test_a_size_over_the_limit_is_refused_by_the_python_api_too(base):
         editsuite.Txt2Img(base).run("x", width=100000, height=64, steps=1, seed=0)
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda base, photo: editsuite.Txt2Img(base).run("x", num_images=100000, steps=1, seed=0),
+LIMITED = """
+import resource, sys
+sys.path.insert(0, {tests!r})
+resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))  # a run that tries to allocate fails, not the machine
+import PIL.Image, editsuite
+from tiny import tiny_bundle
+base, photo = tiny_bundle(), PIL.Image.new("RGB", (64, 64))
+try:
+    {call}
+except editsuite.UserError as e:
+    print("refused:", e)
+"""
+
+
+@pytest.mark.parametrize("call, message", [
+    ('editsuite.Txt2Img(base).run("x", num_images=100000, steps=1, seed=0)',
      "100000 x 64x64 = 409,600,000 pixels, over the bound of 16,777,216"),
-    (lambda base, photo: editsuite.Outpaint(base).run(photo, "x", left=20000, steps=1, seed=0),
+    ('editsuite.Outpaint(base).run(photo, "x", left=20000, steps=1, seed=0)',
      "the output would be 20064x64 pixels; at most 16384 a side"),
+])
+def test_a_run_that_would_exhaust_memory_is_refused_by_the_python_api(call, message):
+    """In a subprocess with its address space limited (6 GiB): without the bound these end in a memory error."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = LIMITED.format(tests=str(Path(__file__).parent), call=call)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and message in done.stdout and "refused:" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("make, message", [
     (lambda base, photo: editsuite.Upscale(base, max_output_pixels=2_000_000).run(photo, "x", scale=8, num_images=9),
      "9 x 512x512 = 2,359,296 pixels, over the bound of 2,000,000"),
     (lambda base, photo: editsuite.Img2Img(base, max_output_pixels=8000).run(photo, "x", num_images=2, steps=1),
