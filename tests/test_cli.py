@@ -291,7 +291,7 @@ def test_names_longer_than_the_file_system_allows_are_one_line(models, work, cap
     (["txt2img", "--width", "100000"], "width must be at most 16384"),
     (["txt2img", "-N", "100000"], "over the bound of 16,777,216"),
     (["outpaint", "photo.png", "--expand", "20000"], "at most 16384 a side"),
-    (["upscale", "photo.png", "--scale", "nan"], "scale must be a positive number (got nan)"),
+    (["upscale", "photo.png", "--scale", "nan"], "scale must be between 1 and 8 (got nan)"),
     (["txt2img", "-N", "3", "--max-output-pixels", "10000"], "over the bound of 10,000"),
 ])
 def test_outputs_too_big_are_refused_before_the_run(models, work, capsys, args, expect):

@@ -270,7 +270,8 @@ def test_cli_convert_verify_and_bad_options(sources, tmp_path, capsys):
     assert main(["verify", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "TextEncoder" in printed and " ok " in printed
-    for bad, message in ((["--attention", "bogus"], "unknown attention 'bogus'"),
+    for bad, message in ((["--attention", "bogus"], "'bogus' is not one of 'original', 'split-einsum', "
+                                                    "'split-einsum-v2'"),
                          (["--quantize-bits", "5"], "--quantize-bits 5 is not supported"),
                          (["--resolution", "big"], "is not WIDTHxHEIGHT"),
                          (["--resolution", "60x64"], "not a multiple of 16")):

@@ -28,7 +28,8 @@ def test_decoder_only_tuning_keeps_the_latent_space():
     """The upscaler's decoder is tuned after its UNet learnt the latents: the encoder must not move."""
     import torch
 
-    from editsuite.demo.train import make_vae, train_vae
+    from editsuite.demo.fitting import train_vae
+    from editsuite.demo.models import make_vae
 
     torch.manual_seed(0)
     vae = make_vae((16, 32))
@@ -47,7 +48,8 @@ def test_bf16_training_runs_the_unet_in_bfloat16_and_keeps_float32_weights():
     import torch
     from diffusers import DDPMScheduler
 
-    from editsuite.demo.train import UP_BETAS, make_unet, make_upscaler_text_encoder, train_unet
+    from editsuite.demo.fitting import train_unet
+    from editsuite.demo.models import UP_BETAS, make_unet, make_upscaler_text_encoder
 
     torch.manual_seed(0)
     unet, te = make_unet(7, upscaler=True), make_upscaler_text_encoder()

@@ -5,7 +5,7 @@ import pytest
 
 from editsuite.demo.evaluate import analyse, classify_shape, score
 from editsuite.demo.scenes import Obj, Scene, parse, render, sample_scene
-from editsuite.demo.train import heldout_prompts
+from editsuite.demo.data import heldout_prompts
 
 
 def test_plain_and_rich_captions():

@@ -4,12 +4,9 @@ traceback (only `UserError`, a one-line message) and never leave a file behind."
 from __future__ import annotations
 
 import io
-import os
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
-import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 

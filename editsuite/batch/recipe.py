@@ -33,18 +33,16 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
-import inspect
 import json
 import os
 import re
 import string
 import tomllib
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
 from editsuite.errors import UserError
+from editsuite.tasks.params import MAX_SEED, TYPE_NAMES, Param
 from editsuite.imaging.io import DEFAULT_MAX_PIXELS
 from editsuite.imaging.output import DEFAULT_MAX_OUTPUT_PIXELS, IMAGE_EXTENSIONS
 
@@ -54,8 +52,7 @@ OUTPUT_KEYS = {"folder", "name"}
 SEED_KEYS = {"base", "mode"}
 NAME_FIELDS = {"stem", "index", "task", "seed"}
 READ_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-NOT_PARAMS = {"self", "image", "mask", "callback", "seed", "num_images"}  # given per item, or one per item
-MAX_SEED = 2**32
+NOT_PARAMS = {"seed", "num_images"}  # given per item, or one per item
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +98,7 @@ class Recipe:
     def items(self) -> list[Item]:
         """Expand the inputs into items, with seeds and output paths; checks names stay in the folder."""
         base = self.path.parent
-        if self.task == "txt2img":
+        if not takes_pictures(self.task):
             sources = [(f"prompt-{i:04d}", None, p) for i, p in enumerate(self.prompts)]
         else:
             own = self._own_output_test()
@@ -125,7 +122,7 @@ class Recipe:
 
     def own_outputs(self) -> list[Path]:
         """The files the inputs match that are this recipe's own outputs (left out of the items)."""
-        if self.task == "txt2img":
+        if not takes_pictures(self.task):
             return []
         own = self._own_output_test()
         return [p for p in _expand(self.images, self.path.parent, self.label) if own(p)]
@@ -163,7 +160,7 @@ class Recipe:
 
 def derived_seed(base: int, key: str) -> int:
     """A seed per input from the base seed and the input's name: stable across runs and machines."""
-    return int.from_bytes(hashlib.sha256(f"{base}/{key}".encode()).digest()[:4], "big") % MAX_SEED
+    return int.from_bytes(hashlib.sha256(f"{base}/{key}".encode()).digest()[:4], "big") % (MAX_SEED + 1)
 
 
 def _key(path: Path, base: Path) -> str:
@@ -210,74 +207,44 @@ def _table(label: str, data: dict, name: str, keys: set) -> dict:
     return table
 
 
-def task_parameters(task: str) -> dict[str, tuple[Any, Any]]:
-    """The parameters a recipe may set for `task`: {name: (type, default)}, read from the task class's `run`."""
+def takes_pictures(task: str) -> bool:
+    """Whether the edit's items are pictures (inputs.images) or prompts (inputs.prompts)."""
     from editsuite.tasks import TASKS
 
-    run = TASKS[task].run
-    hints = typing.get_type_hints(run)
-    out = {}
-    for name, p in inspect.signature(run).parameters.items():
-        if name in NOT_PARAMS:
-            continue
-        out[name] = (hints.get(name, Any), None if p.default is inspect.Parameter.empty else p.default)
-    return out
+    return bool(TASKS[task].inputs)
 
 
-def _type_ok(annotation, value) -> bool:
-    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or \
-        typing.get_origin(annotation) is typing.Union else (annotation,)
-    for t in options:
-        if t is type(None) or t is Any:
-            continue
-        if t is bool and isinstance(value, bool):
-            return True
-        if t is int and isinstance(value, int) and not isinstance(value, bool):
-            return True
-        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True
-        if t is str and isinstance(value, str):
-            return True
-    return False
+def task_parameters(task: str) -> dict[str, Param]:
+    """The parameters a recipe may set for `task`: the task's own definitions, less those given per item."""
+    from editsuite.tasks import TASKS
 
-
-def _type_name(annotation) -> str:
-    names = [getattr(t, "__name__", str(t)) for t in (typing.get_args(annotation) or (annotation,)) if t is not type(None)]
-    return {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}.get(
-        names[0] if len(names) == 1 else "", " or ".join(names))
+    return {p.name: p for p in TASKS[task].params if p.name not in NOT_PARAMS}
 
 
 def check_params(label: str, task: str, params: dict) -> dict:
-    """Types from the task class's signature; values through the same checks the CLI uses."""
-    from editsuite.core.schedulers import scheduler_choices
-    from editsuite.tasks.base import Common, check_size, check_strength
+    """Each value through its parameter's definition (type, range, choices, rule), then the rules between
+    parameters; the model's own rules (sizes a multiple of its VAE factor) wait for the model."""
+    from editsuite.tasks import TASKS
 
     allowed = task_parameters(task)
     for key, value in params.items():
         if key not in allowed:
             extra = " (the seed is set in [seed]; a batch writes one image per item)" if key in NOT_PARAMS else ""
             _fail(label, f"params.{key}", value, f"{task} takes {', '.join(sorted(allowed))}{extra}")
-        annotation, _ = allowed[key]
-        if not _type_ok(annotation, value):
-            _fail(label, f"params.{key}", value, f"it must be {_type_name(annotation)}")
-    checks = {
-        "strength": check_strength,
-        "width": lambda v: check_size(v, "width"),
-        "height": lambda v: check_size(v, "height"),
-        "steps": lambda v: Common(steps=v).validated(),
-        "guidance_scale": lambda v: Common(guidance_scale=v).validated(),
-    }
-    for key, check in checks.items():
-        if key in params:
-            try:
-                check(params[key])
-            except UserError as e:
-                _fail(label, f"params.{key}", params[key], str(e))
-    if "scheduler" in params and params["scheduler"] not in scheduler_choices():
-        _fail(label, "params.scheduler", params["scheduler"], f"use one of {', '.join(scheduler_choices())}")
-    for key in ("mask_blur", "padding", "feather", "left", "right", "top", "bottom", "noise_level", "tile", "overlap"):
-        if key in params and params[key] < 0:
-            _fail(label, f"params.{key}", params[key], "it must be 0 or more")
+        p = allowed[key]
+        if not p.accepts(value):
+            _fail(label, f"params.{key}", value, f"it must be {TYPE_NAMES[p.kind]}")
+        choices = p.allowed()
+        if choices is not None and value not in choices:
+            _fail(label, f"params.{key}", value, f"use one of {', '.join(choices)}")
+        try:
+            p.validate(value)
+        except UserError as e:
+            _fail(label, f"params.{key}", value, str(e))
+    try:
+        TASKS[task].validate(params)
+    except UserError as e:
+        raise UserError(f"{label}: [params]: {e}") from None
     return dict(params)
 
 
@@ -323,11 +290,11 @@ def load_recipe(path: str | Path) -> Recipe:
     prompts = inputs.get("prompts", [])
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         _fail(label, "inputs.prompts", prompts, "a list of strings")
-    if task == "txt2img":
+    if not takes_pictures(task):
         if images:
-            _fail(label, "inputs.images", images, "txt2img takes no images; list inputs.prompts")
+            _fail(label, "inputs.images", images, f"{task} takes no images; list inputs.prompts")
         if not prompts:
-            _fail(label, "inputs.prompts", prompts, "txt2img needs at least one prompt")
+            _fail(label, "inputs.prompts", prompts, f"{task} needs at least one prompt")
     else:
         if not images:
             _fail(label, "inputs.images", images, f"{task} needs at least one image, folder or glob")
@@ -337,10 +304,11 @@ def load_recipe(path: str | Path) -> Recipe:
     for key, value in (("inputs.mask", mask), ("inputs.masks", masks)):
         if value is not None and (not isinstance(value, str) or not value):
             _fail(label, key, value, "a path string")
-    if task == "inpaint" and (mask is None) == (masks is None):
+    masked = "mask" in TASKS[task].inputs
+    if masked and (mask is None) == (masks is None):
         _fail(label, "inputs.mask", mask, "inpaint needs exactly one of inputs.mask (shared) or inputs.masks "
                                           "(a pattern such as 'masks/{stem}.png')")
-    if task != "inpaint" and (mask is not None or masks is not None):
+    if not masked and (mask is not None or masks is not None):
         _fail(label, "inputs.mask", mask or masks, f"only inpaint takes a mask, not {task}")
     if mask is not None and not (path.parent / mask).is_file():
         _fail(label, "inputs.mask", mask, f"an existing mask file (paths are relative to {path.parent})")
@@ -356,7 +324,7 @@ def load_recipe(path: str | Path) -> Recipe:
     folder = output.get("folder")
     if not isinstance(folder, str) or not folder:
         _fail(label, "output.folder", folder, "a folder path string (relative to the recipe)")
-    default_name = "{stem}-{task}-{seed}.png" if task != "txt2img" else "{index:04d}-{task}-{seed}.png"
+    default_name = "{stem}-{task}-{seed}.png" if takes_pictures(task) else "{index:04d}-{task}-{seed}.png"
     name = output.get("name", default_name)
     if not isinstance(name, str) or not name:
         _fail(label, "output.name", name, "a file name pattern string")
@@ -364,8 +332,8 @@ def load_recipe(path: str | Path) -> Recipe:
 
     seed = _table(label, data, "seed", SEED_KEYS)
     seed_base = seed.get("base", 0)
-    if not isinstance(seed_base, int) or isinstance(seed_base, bool) or not 0 <= seed_base < MAX_SEED:
-        _fail(label, "seed.base", seed_base, f"an integer from 0 to {MAX_SEED - 1}")
+    if not isinstance(seed_base, int) or isinstance(seed_base, bool) or not 0 <= seed_base <= MAX_SEED:
+        _fail(label, "seed.base", seed_base, f"an integer from 0 to {MAX_SEED}")
     seed_mode = seed.get("mode", "derived")
     if seed_mode not in ("derived", "fixed"):
         _fail(label, "seed.mode", seed_mode, "derived or fixed")

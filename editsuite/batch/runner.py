@@ -206,11 +206,11 @@ class Batch:
         r = self.recipe
         args = dict(r.params, seed=item.seed, num_images=1)
         args["callback"] = lambda step: (on_step(item, step) if on_step else None, not should_stop())[1]
-        if r.task == "txt2img":
+        if not task.inputs:
             result = task.run(prompt=item.prompt, **args)
         else:
             image = open_image(item.image, max_pixels=r.max_pixels)
-            if r.task == "inpaint":
+            if "mask" in task.inputs:
                 mask = open_mask(item.mask, max_pixels=r.max_pixels)
                 result = task.run(image, mask, **args)
             else:

@@ -21,11 +21,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from editsuite.bundle.backend import ModelBackend
+from editsuite.bundle.choices import ComputeUnits
 from editsuite.bundle.coreml_layout import (META_LATENT_SCALE, META_PREDICTION, META_VAE_FACTOR, Description,
                                             Models, check_manifest, describe, find_models, read_manifest)
 from editsuite.errors import UserError
 
-COMPUTE_UNITS = {"all": "ALL", "cpu-and-ne": "CPU_AND_NE", "cpu-and-gpu": "CPU_AND_GPU", "cpu-only": "CPU_ONLY"}
+COMPUTE_UNITS = {u.value: u.name for u in ComputeUnits}  # our spelling -> coremltools' ComputeUnit name
 OFF_MAC_NOTICE = ("Core ML runs only on macOS: running the converted programs in editsuite's reference executor, "
                   "for verification, not speed")
 _NUMPY = {"float16": np.float16, "float32": np.float32, "float64": np.float64, "int32": np.int32}
@@ -100,8 +102,9 @@ def _first(desc: Description) -> str:
     return next(iter(desc.inputs))
 
 
-class CoreMLBackend:
+class CoreMLBackend(ModelBackend):
     name = "coreml"
+    notice: str | None = None
 
     def __init__(self, models: Models, descriptions: dict[str, Description], *, vae_factor: int,
                  resolutions: list[tuple[int, int]] | None = None, compute_units: str = "all",
@@ -145,7 +148,10 @@ class CoreMLBackend:
         name, out = _first(te.desc), te.output("last_hidden_state", "hidden_embeds")
         return _tensor(np.concatenate([te.run(**{name: row[None].numpy()})[out] for row in input_ids]))
 
-    def unet(self, sample, timestep, context, class_labels=None) -> torch.Tensor:
+    def feature_cache(self) -> None:
+        return None  # a converted UNet runs whole: no deep features to reuse
+
+    def unet(self, sample, timestep, context, class_labels=None, cache=None) -> torch.Tensor:
         n = sample.shape[0]
         self._check_pixels(sample.shape[2] * self.vae_factor, sample.shape[3] * self.vae_factor)
         t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)

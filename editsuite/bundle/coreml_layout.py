@@ -205,7 +205,6 @@ _MODEL_FIELDS = {  # editsuite's manifest "model": field -> (types, required)
     "native_resolution": (int, True), "cross_attention_dim": (int, True), "scheduler": (str, True),
     "name": (str, False), "model_hash": (str, False), "source": (str, False), "max_noise_level": ((int, type(None)), False),
 }
-MAX_SIDE = 16384
 
 
 def check_manifest(data: dict, root: Path, *, complete: bool = True) -> dict:
@@ -213,6 +212,8 @@ def check_manifest(data: dict, root: Path, *, complete: bool = True) -> dict:
     traceback); returns it. With `complete` (a bundle to open) also checks that the packages it lists and
     scheduler/ are there; a conversion that resumes checks only the fields, and redoes what is missing."""
     import math
+
+    from editsuite.imaging.output import MAX_SIDE
 
     path = Path(root) / MANIFEST
 

@@ -12,14 +12,16 @@ from typing import Any
 
 import torch
 
+from editsuite.bundle.backend import ModelBackend
+from editsuite.bundle.choices import Backend, Device, PredictionType, values_of
 from editsuite.bundle.manifest import Manifest, ModelKind, manifest_from_configs
 from editsuite.errors import UserError
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-BACKENDS = ("auto", "torch", "coreml")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+BACKENDS = values_of(Backend)
+DEVICES = values_of(Device)
+PREDICTION_TYPES = values_of(PredictionType)
 
 
 @dataclasses.dataclass
@@ -28,7 +30,7 @@ class ModelBundle:
 
     manifest: Manifest
     tokenizer: Any  # transformers CLIPTokenizer
-    backend: Any  # TorchBackend or the Core ML backend: encode_text / unet / vae_encode / vae_decode
+    backend: ModelBackend  # TorchBackend or CoreMLBackend
     scheduler_config: dict  # the model's own scheduler config (diffusers format)
     low_res_scheduler: Any = None  # x4 upscaler only: DDPMScheduler that noises the low-res input
     weights_path: Path | None = None  # file hashed for the "Model hash" shown in PNG metadata

@@ -16,6 +16,7 @@ import contextlib
 import torch
 
 from editsuite.bundle import speed
+from editsuite.bundle.backend import ModelBackend
 from editsuite.errors import UserError
 
 # Decode (encode) pictures above this many pixels tile by tile with diffusers' tiled VAE: a 2048x2048 decode
@@ -34,7 +35,7 @@ def _place(module, device, dtype):
     return module.eval().requires_grad_(False)
 
 
-class TorchBackend:
+class TorchBackend(ModelBackend):
     """The four calls on PyTorch modules. Tensors cross this interface in float32 (latents, scheduler and
     guidance arithmetic stay exact); the modules compute in `compute_dtype` (bf16 / fp16 when fast)."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -10,149 +11,82 @@ from typing import Optional
 import click
 import typer
 
-from editsuite.cli.options import (AllowPickle, Backend, CacheInterval, ComputeUnits, Device, Dtype, Guidance,
-                                   Height, Inputs, Json, MaxOutputPixels, MaxPixels, Model, ModelConfig, Negative, NumImages,
-                                   OptGuidance, OptPrompt, Output, Overwrite, PredictionType, Prompt, Quiet, Scheduler,
-                                   Seed, Steps, Strength, Width)
-from editsuite.cli.run import Job, execute
+from editsuite.bundle.choices import Attention
+from editsuite.cli.options import (RUN_OPTIONS, AllowPickle, Inputs, Json, MaskFile, ModelConfig, Overwrite,
+                                   PredictionTypeOpt, Quiet, option_for)
+from editsuite.cli.run import execute
 from editsuite.errors import UserError
-from editsuite.imaging.io import DEFAULT_MAX_PIXELS
-from editsuite.imaging.output import DEFAULT_MAX_OUTPUT_PIXELS
-from editsuite.tasks.base import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
-app = typer.Typer(
-    name="editsuite",
-    help="On-device image editing on Stable Diffusion: txt2img, img2img, inpaint, outpaint, upscale.",
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-)
+def _edit_command(task_cls):
+    """The command of one edit, made from its definitions: its input pictures, its parameters (params.Param)
+    and the settings around every edit (options.RUN_OPTIONS)."""
+    kind = inspect.Parameter.KEYWORD_ONLY
+    params = []
+    if task_cls.inputs:
+        params.append(inspect.Parameter("inputs", kind, annotation=Inputs))
+    if "mask" in task_cls.inputs:
+        params.append(inspect.Parameter("mask", kind, annotation=MaskFile))
+    for p in task_cls.params:
+        if p.cli:
+            annotation, default = option_for(p)
+            params.append(inspect.Parameter(p.name, kind, annotation=annotation, default=default))
+    for name, annotation, default, needs_inputs in RUN_OPTIONS:
+        if task_cls.inputs or not needs_inputs:
+            params.append(inspect.Parameter(name, kind, annotation=annotation, default=default))
 
-
-@app.command()
-def txt2img(
-    prompt: Prompt, negative_prompt: Negative = "", width: Width = None, height: Height = None,
-    steps: Steps = DEFAULT_STEPS, guidance: Guidance = DEFAULT_GUIDANCE, seed: Seed = None,
-    scheduler: Scheduler = None, num_images: NumImages = 1, output: Output = None, model: Model = None,
-    backend: Backend = "auto",
-    compute_units: ComputeUnits = "all", device: Device = "auto", dtype: Dtype = "auto",
-    cache_interval: CacheInterval = 1, overwrite: Overwrite = False,
-    quiet: Quiet = False, json_out: Json = False, allow_pickle: AllowPickle = False,
-    config: ModelConfig = None, prediction_type: PredictionType = None,
-    max_output_pixels: MaxOutputPixels = DEFAULT_MAX_OUTPUT_PIXELS,
-):
-    """Paint a picture from a prompt."""
-    execute(Job("txt2img", locals(), dict(width=width, height=height)))
+    def command(**values):
+        execute(task_cls, values)
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__name__ = command.__qualname__ = task_cls.name
+    command.__doc__ = task_cls.summary
+    return command
 
 
-@app.command()
-def img2img(
-    inputs: Inputs, prompt: Prompt, strength: Strength = 0.75, negative_prompt: Negative = "",
-    width: Width = None, height: Height = None, steps: Steps = DEFAULT_STEPS, guidance: Guidance = DEFAULT_GUIDANCE,
-    seed: Seed = None, scheduler: Scheduler = None, num_images: NumImages = 1, output: Output = None,
-    model: Model = None, backend: Backend = "auto",
-    compute_units: ComputeUnits = "all", device: Device = "auto", dtype: Dtype = "auto",
-    cache_interval: CacheInterval = 1,
-    overwrite: Overwrite = False, quiet: Quiet = False, json_out: Json = False, allow_pickle: AllowPickle = False,
-    config: ModelConfig = None, prediction_type: PredictionType = None,
-    max_output_pixels: MaxOutputPixels = DEFAULT_MAX_OUTPUT_PIXELS,
-    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
-):
-    """Repaint pictures guided by a prompt."""
-    execute(Job("img2img", locals(), dict(strength=strength, width=width, height=height)))
+def build_app(tasks: dict | None = None) -> typer.Typer:
+    """The `editsuite` command: one command per edit (made from the task classes), then the tools."""
+    from editsuite.tasks import TASKS
+
+    app = typer.Typer(
+        name="editsuite",
+        help="On-device image editing on Stable Diffusion: txt2img, img2img, inpaint, outpaint, upscale.",
+        add_completion=False,
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+    )
+    for task_cls in (TASKS if tasks is None else tasks).values():
+        app.command(name=task_cls.name)(_edit_command(task_cls))
+    for tool in (info, tasks_command, batch, convert, verify):
+        app.command(name=tool.__name__.removesuffix("_command"))(tool)
+    return app
 
 
-@app.command()
-def inpaint(
-    inputs: Inputs,
-    mask: Path = typer.Option(..., "--mask", help="Mask image: white = repaint, black = keep."),
-    prompt: Prompt = ..., strength: Strength = 1.0,
-    mask_blur: int = typer.Option(0, min=0, help="Blur the mask edge by this many pixels (a soft paste-back)."),
-    only_masked: bool = typer.Option(False, "--only-masked", help="Work on the padded mask box at the model's "
-                                     "resolution, then paste back."),
-    padding: int = typer.Option(32, min=0, help="Pixels around the mask box with --only-masked."),
-    invert_mask: bool = typer.Option(False, "--invert-mask", help="Black = repaint."),
-    resize_mask: bool = typer.Option(False, "--resize-mask", help="Stretch a mask of another size to the image."),
-    negative_prompt: Negative = "", width: Width = None, height: Height = None, steps: Steps = DEFAULT_STEPS,
-    guidance: Guidance = DEFAULT_GUIDANCE, seed: Seed = None, scheduler: Scheduler = None,
-    num_images: NumImages = 1, output: Output = None, model: Model = None, backend: Backend = "auto",
-    compute_units: ComputeUnits = "all",
-    device: Device = "auto", dtype: Dtype = "auto", cache_interval: CacheInterval = 1, overwrite: Overwrite = False,
-    quiet: Quiet = False,
-    json_out: Json = False, allow_pickle: AllowPickle = False,
-    config: ModelConfig = None, prediction_type: PredictionType = None, max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
-    max_output_pixels: MaxOutputPixels = DEFAULT_MAX_OUTPUT_PIXELS,
-):
-    """Repaint the white part of a mask; everything else stays as it was."""
-    execute(Job("inpaint", locals(), dict(strength=strength, mask_blur=mask_blur, only_masked=only_masked,
-                                          padding=padding, invert_mask=invert_mask, resize_mask=resize_mask,
-                                          width=width, height=height), mask=mask))
-
-
-@app.command()
-def outpaint(
-    inputs: Inputs, prompt: Prompt,
-    left: int = typer.Option(0, min=0, help="Pixels to add on the left."),
-    right: int = typer.Option(0, min=0, help="Pixels to add on the right."),
-    top: int = typer.Option(0, min=0, help="Pixels to add on top."),
-    bottom: int = typer.Option(0, min=0, help="Pixels to add at the bottom."),
-    expand: int = typer.Option(0, min=0, help="Pixels to add on every side (instead of the four above)."),
-    feather: int = typer.Option(16, min=0, help="Fade the new area in over this many pixels from the edge."),
-    negative_prompt: Negative = "", steps: Steps = DEFAULT_STEPS, guidance: Guidance = DEFAULT_GUIDANCE,
-    seed: Seed = None, scheduler: Scheduler = None, num_images: NumImages = 1, output: Output = None,
-    model: Model = None, backend: Backend = "auto",
-    compute_units: ComputeUnits = "all", device: Device = "auto", dtype: Dtype = "auto",
-    cache_interval: CacheInterval = 1,
-    overwrite: Overwrite = False, quiet: Quiet = False, json_out: Json = False, allow_pickle: AllowPickle = False,
-    config: ModelConfig = None, prediction_type: PredictionType = None,
-    max_output_pixels: MaxOutputPixels = DEFAULT_MAX_OUTPUT_PIXELS,
-    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
-):
-    """Extend pictures on any side and fill the new area."""
-    if expand and any((left, right, top, bottom)):
-        raise UserError("give either --expand or --left/--right/--top/--bottom, not both")
-    sides = dict(left=expand, right=expand, top=expand, bottom=expand) if expand else \
-        dict(left=left, right=right, top=top, bottom=bottom)
-    execute(Job("outpaint", locals(), dict(**sides, feather=feather)))
-
-
-@app.command()
-def upscale(
-    inputs: Inputs, prompt: OptPrompt = "",
-    scale: float = typer.Option(4.0, help="Upscaling factor."),
-    tile: int = typer.Option(None, help="Tile size for the tiled upscale (default: the model's resolution)."),
-    overlap: int = typer.Option(None, min=0, help="Overlap between tiles, in pixels (default: 1/8 of the tile)."),
-    strength: Strength = 0.3,
-    noise_level: int = typer.Option(20, min=0, help="x4 upscaler: noise added to the low-res input."),
-    negative_prompt: Negative = "", steps: Steps = DEFAULT_STEPS, guidance: OptGuidance = None, seed: Seed = None,
-    scheduler: Scheduler = None, num_images: NumImages = 1, output: Output = None, model: Model = None,
-    backend: Backend = "auto",
-    compute_units: ComputeUnits = "all", device: Device = "auto", dtype: Dtype = "auto",
-    cache_interval: CacheInterval = 1, overwrite: Overwrite = False,
-    quiet: Quiet = False, json_out: Json = False, allow_pickle: AllowPickle = False,
-    config: ModelConfig = None, prediction_type: PredictionType = None,
-    max_output_pixels: MaxOutputPixels = DEFAULT_MAX_OUTPUT_PIXELS,
-    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
-):
-    """Make pictures larger: the x4 upscaler model, or a tiled img2img pass with a base model."""
-    execute(Job("upscale", locals(), dict(scale=scale, tile=tile, overlap=overlap, strength=strength,
-                                          noise_level=noise_level)))
-
-
-@app.command()
 def info(
     model: str = typer.Argument(..., help="Diffusers folder, .safetensors checkpoint, Core ML bundle or hub id."),
-    allow_pickle: AllowPickle = False, config: ModelConfig = None, prediction_type: PredictionType = None,
+    allow_pickle: AllowPickle = False, config: ModelConfig = None, prediction_type: PredictionTypeOpt = None,
 ):
     """Show what a model is: kind, channels, prediction type, resolution."""
     from editsuite.bundle.loader import load_bundle
 
     bundle = load_bundle(model, backend="auto", device="cpu", dtype="float32", allow_pickle=allow_pickle,
-                         config=config, prediction_type=prediction_type)
+                         config=config, prediction_type=prediction_type.value if prediction_type else None)
     typer.echo(json.dumps(bundle.identity(), indent=2))
 
 
-@app.command()
+def tasks_command(json_out: Json = False):
+    """List the edits and their parameters (--json: the machine-readable description, for tools)."""
+    from editsuite.tasks import describe
+
+    description = describe()
+    if json_out:
+        typer.echo(json.dumps(description, indent=2))
+        return
+    for task in description:
+        typer.echo(f"{task['name']}: {task['summary']}")
+        for p in task["params"]:
+            typer.echo(f"  {p['name']} ({p['type']}, default {p['default']!r}): {p['help']}")
+
+
 def batch(
     recipe: Path = typer.Argument(..., help="A recipe file (see tasks/*.toml)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be done; run and write nothing."),
@@ -166,14 +100,14 @@ def batch(
         raise typer.Exit(code)
 
 
-@app.command()
 def convert(
     model: str = typer.Argument(..., help="Diffusers folder, .safetensors checkpoint or hub id to convert."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder for the Core ML bundle."),
     resolution: list[str] = typer.Option(
         [], "--resolution", "-r", help="WIDTHxHEIGHT in pixels; repeat for several sizes in one bundle. "
         "Default: the model's native size."),
-    attention: str = typer.Option("split-einsum", help="original, split-einsum or split-einsum-v2."),
+    attention: Attention = typer.Option(Attention.SPLIT_EINSUM, help="How attention is laid out: split-einsum(-v2) "
+                                        "for the Neural Engine, original for the GPU."),
     quantize_bits: Optional[int] = typer.Option(None, help="Compress weights: 8 (int8), 6 or 4 (palettized)."),
     chunk_unet: bool = typer.Option(False, "--chunk-unet", help="Split the UNet into two packages."),
     components: list[str] = typer.Option([], "--components", help="Convert only these: text_encoder, unet, "
@@ -190,14 +124,13 @@ def convert(
 
     sizes = [parse_resolution(r) for r in resolution]
     say = None if quiet else (lambda msg: typer.echo(msg, err=True))
-    out = run_convert(model, output, resolutions=sizes, attention=attention, quantize_bits=quantize_bits,
+    out = run_convert(model, output, resolutions=sizes, attention=attention.value, quantize_bits=quantize_bits,
                       chunk_unet=chunk_unet, components=components, allow_pickle=allow_pickle, overwrite=overwrite,
                       model_version=model_version, compile=compile_, progress=say)
     if not quiet:
         typer.echo(f"wrote {out}", err=True)
 
 
-@app.command()
 def verify(
     bundle: Path = typer.Argument(..., help="A Core ML bundle (editsuite's, or Apple's packages with --against)."),
     against: Optional[str] = typer.Option(None, help="The source model (default: the one recorded at conversion)."),
@@ -219,6 +152,9 @@ def verify(
     if failed:
         typer.echo(f"error: {', '.join(failed)} below {THRESHOLD_DB:.0f} dB", err=True)
         raise typer.Exit(1)
+
+
+app = build_app()
 
 
 # typer may vendor its own click: catch its exception classes as well as click's

@@ -1,42 +1,35 @@
-"""Option aliases shared by every command, so signatures read like documentation."""
+"""The settings around an edit (which model, how it runs, where the outputs go), defined once as option types
+(`Annotated[...]`) that every command reuses. The edits' own parameters come from their definitions
+(tasks/params.py); `RUN_OPTIONS` lists the settings each edit command takes besides them."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-Prompt = Annotated[str, typer.Option("--prompt", "-p", help="What to paint.")]
-OptPrompt = Annotated[str, typer.Option("--prompt", "-p", help="What to paint (optional).")]
-Negative = Annotated[str, typer.Option("--negative-prompt", "-n", help="What to steer away from.")]
+from editsuite.bundle.choices import Backend, ComputeUnits, Device, Dtype, PredictionType
+from editsuite.imaging.io import DEFAULT_MAX_PIXELS
+from editsuite.imaging.output import DEFAULT_MAX_OUTPUT_PIXELS
+
 Inputs = Annotated[list[Path], typer.Argument(help="Input image(s).", show_default=False)]
+MaskFile = Annotated[Path, typer.Option("--mask", help="Mask image: white = repaint, black = keep.")]
 Output = Annotated[Optional[Path], typer.Option(
     "--output", "-o", help="Output file, or folder when there are several outputs. Default: current folder.")]
 Model = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="Diffusers folder, .safetensors checkpoint, converted Core ML bundle or hub id. "
     "Default: the built-in demo model.")]
-Backend = Annotated[str, typer.Option(help="auto, torch or coreml.")]
-ComputeUnits = Annotated[str, typer.Option(
-    help="Core ML bundles on macOS: all, cpu-and-ne, cpu-and-gpu or cpu-only.")]
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
-Dtype = Annotated[str, typer.Option(
-    help="auto (bfloat16 on CPUs that have it, float16 on GPUs, else float32), float32, bfloat16 or float16.")]
+BackendOpt = Annotated[Backend, typer.Option("--backend", help="Where the model runs.")]
+ComputeUnitsOpt = Annotated[ComputeUnits, typer.Option("--compute-units", help="Core ML bundles on macOS: where "
+                                                       "Core ML runs them.")]
+DeviceOpt = Annotated[Device, typer.Option("--device", help="PyTorch device.")]
+DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="auto: bfloat16 on CPUs that have it, float16 on GPUs, "
+                                         "else float32.")]
 CacheInterval = Annotated[int, typer.Option(
     help="Run the whole UNet every N-th step only, the outer level in between (DeepCache): faster, "
     "slightly different picture. 1 = off.")]
-Steps = Annotated[int, typer.Option(help="Denoising steps.")]
-Guidance = Annotated[float, typer.Option("--guidance", "-g", help="Classifier-free guidance scale.")]
-OptGuidance = Annotated[Optional[float], typer.Option(
-    "--guidance", "-g", help="Classifier-free guidance scale (default 9 for the x4 upscaler, else 7.5).")]
-Seed = Annotated[Optional[int], typer.Option("--seed", "-s", help="Random seed (default: a random one, recorded).")]
-Scheduler = Annotated[Optional[str], typer.Option(
-    help="Scheduler: dpm++2m, dpm++2m-karras, euler, euler-a, ddim, pndm, lms, heun, unipc, or a diffusers class "
-    "name. Default: the model's own.")]
-NumImages = Annotated[int, typer.Option("--num-images", "-N", help="Images per input.")]
-Width = Annotated[Optional[int], typer.Option(help="Width in pixels (a multiple of 8).")]
-Height = Annotated[Optional[int], typer.Option(help="Height in pixels (a multiple of 8).")]
-Strength = Annotated[float, typer.Option(help="How much to change: 0 keeps the input, 1 repaints fully.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or notices.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the outputs and their settings as JSON.")]
@@ -46,9 +39,29 @@ MaxPixels = Annotated[int, typer.Option(help="Refuse input images with more pixe
 ModelConfig = Annotated[Optional[str], typer.Option(
     "--config", help="Diffusers folder that says what a Core ML bundle made by Apple's converter cannot: scheduler, "
     "prediction type, latent scale, tokenizer (or the config of an unusual single-file checkpoint).")]
-PredictionType = Annotated[Optional[str], typer.Option(
-    help="epsilon or v_prediction: override the model's (needed for Apple-converted SD 2.x 768 bundles without "
+PredictionTypeOpt = Annotated[Optional[PredictionType], typer.Option(
+    "--prediction-type", help="Override the model's (needed for Apple-converted SD 2.x 768 bundles without "
     "--config).")]
 MaxOutputPixels = Annotated[int, typer.Option(
     help="Refuse a run whose pictures would hold more pixels than this, all images together (raise it for big "
     "pictures or many images).")]
+
+# (name, type, default, only for edits that take input pictures)
+RUN_OPTIONS = (
+    ("output", Output, None, False), ("model", Model, None, False), ("backend", BackendOpt, Backend.AUTO, False),
+    ("compute_units", ComputeUnitsOpt, ComputeUnits.ALL, False), ("device", DeviceOpt, Device.AUTO, False),
+    ("dtype", DtypeOpt, Dtype.AUTO, False), ("cache_interval", CacheInterval, 1, False),
+    ("overwrite", Overwrite, False, False), ("quiet", Quiet, False, False), ("json_out", Json, False, False),
+    ("allow_pickle", AllowPickle, False, False), ("config", ModelConfig, None, False),
+    ("prediction_type", PredictionTypeOpt, None, False),
+    ("max_output_pixels", MaxOutputPixels, DEFAULT_MAX_OUTPUT_PIXELS, False),
+    ("max_pixels", MaxPixels, DEFAULT_MAX_PIXELS, True),
+)
+
+
+def option_for(param) -> tuple[object, object]:
+    """(annotation, default) of the CLI option for an edit's parameter (params.Param)."""
+    kind = Optional[param.kind] if param.optional else param.kind
+    flags = param.cli_flags()
+    annotation = Annotated[kind, typer.Option(*flags, help=param.help, show_default=param.default is not None)]
+    return annotation, inspect.Parameter.empty if param.cli_required else param.default

@@ -14,7 +14,6 @@ The original checkpoint loads unchanged: a load-state-dict pre-hook gives each c
 
 from __future__ import annotations
 
-import enum
 import types
 
 import torch
@@ -26,11 +25,10 @@ from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
+from editsuite.bundle.choices import Attention
 
-class AttentionVariant(str, enum.Enum):
-    ORIGINAL = "original"
-    SPLIT_EINSUM = "split-einsum"
-    SPLIT_EINSUM_V2 = "split-einsum-v2"
+
+AttentionVariant = Attention  # the layouts of attention a conversion can write (bundle/choices.py)
 
 
 # split-einsum-v2: at most this many attention weights per head and chunk of queries, 4 MiB in fp16. At

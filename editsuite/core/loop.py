@@ -143,9 +143,9 @@ def denoise(bundle, scheduler, inputs: LoopInputs, *, generator: Generators, eta
     interval = bundle.cache_interval
     unet_kw = {}
     if interval > 1:
-        if not hasattr(bundle.backend, "feature_cache"):
-            raise UserError(f"cache_interval needs the PyTorch backend, not {bundle.backend.name}; leave it at 1")
         unet_kw["cache"] = bundle.backend.feature_cache()
+        if unet_kw["cache"] is None:
+            raise UserError(f"cache_interval needs the PyTorch backend, not {bundle.backend.name}; leave it at 1")
     for i, t in enumerate(timesteps):
         model_in = torch.cat([latents] * 2) if g.do_cfg else latents
         model_in = scheduler.scale_model_input(model_in, t)

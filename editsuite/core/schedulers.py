@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 import diffusers
@@ -26,11 +27,15 @@ ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "ddpm": ("DDPMScheduler", {}),
 }
 
+# The short names as an Enum (the CLI's and the JSON description's choices); any diffusers class name in
+# CLASS_NAMES is accepted too.
+SchedulerAlias = enum.Enum("SchedulerAlias", {name.replace("+", "P").replace("-", "_").upper(): name
+                                              for name in ALIASES}, type=str)
 CLASS_NAMES = sorted(e.name for e in KarrasDiffusionSchedulers)
 
 
 def scheduler_choices() -> list[str]:
-    return list(ALIASES) + CLASS_NAMES
+    return [a.value for a in SchedulerAlias] + CLASS_NAMES
 
 
 # The corrections diffusers' Stable Diffusion pipelines make to an old scheduler config when they are built
@@ -65,8 +70,8 @@ def make_scheduler(name: str | None, model_config: dict):
         cls_name, overrides = ALIASES[name]
     elif name in CLASS_NAMES:
         cls_name, overrides = name, {}
-    else:
-        raise UserError(f"unknown scheduler {name!r}; use one of: {', '.join(scheduler_choices())}")
+    else:  # the tasks' parameter check (tasks/params.py) refuses unknown names before this
+        raise ValueError(f"unknown scheduler {name!r}")
     cls = getattr(diffusers, cls_name, None)
     if cls is None:
         raise UserError(f"scheduler class {cls_name} is not in this diffusers version; use one of: {', '.join(ALIASES)}")

@@ -39,7 +39,7 @@ def card(name: str, times: dict, scores: dict, total_mb: float, note: str = "") 
         "## Training data and caption grammar",
         "Pictures drawn by `editsuite.demo.scenes`, exact at any resolution; captions follow this grammar:",
         "```" + GRAMMAR.split("Caption grammar", 1)[1].split('A size or place')[0].rstrip() + "\n```",
-        "The 200 evaluation prompts (`editsuite.demo.train.heldout_prompts`) never appear as training captions.",
+        "The 200 evaluation prompts (`editsuite.demo.data.heldout_prompts`) never appear as training captions.",
         "",
         "## Reproduce",
         "`python -m editsuite.demo.train` (fixed seeds, 2-core CPU), then `python -m editsuite.demo.score` and",

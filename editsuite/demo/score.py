@@ -23,7 +23,7 @@ import PIL.Image
 
 from editsuite.demo.evaluate import analyse, labels, score
 from editsuite.demo.scenes import COLOURS, SHAPES, Scene, parse, render, sample_scene
-from editsuite.demo.train import heldout_prompts
+from editsuite.demo.data import heldout_prompts
 
 
 FAMILY = None  # --family: score the three folders in this folder instead of the installed family

@@ -12,7 +12,7 @@ Stages, in order (each saves its result, so a later stage can be rerun alone):
   updecoder the upscaler VAE's decoder alone (encoder frozen), tuned on the latents the upscaler makes
 Then `export` writes the three diffusers folders into editsuite/demo/{base,inpainting,upscaler} in fp16.
 
-Fixed seeds throughout; the 200 evaluation prompts (`heldout_prompts`) never appear as training captions.
+Fixed seeds throughout; the 200 evaluation prompts (`data.heldout_prompts`) never appear as training captions.
 Budgets are in optimiser steps, sized for under 2 hours on a 2-core CPU; `--scale` multiplies them.
 Runs by hand, not in CI.
 """
@@ -20,7 +20,6 @@ Runs by hand, not in CI.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import time
@@ -32,235 +31,21 @@ import torch
 import torch.nn.functional as F
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                        UNet2DConditionModel)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
-from editsuite.demo.scenes import render, sample_scene
+from editsuite.demo import fitting
+from editsuite.demo.data import heldout_prompts, scenes, to_tensor
+from editsuite.demo.fitting import OFFSET_NOISE, encode_moments, log, sample_latents, train_unet, train_vae
+from editsuite.demo.models import (BETAS, LAT, RES, TOKENIZER, TRAIN_SEED, UP_BETAS, make_text_encoder,
+                                   make_unet, make_upscaler_text_encoder, make_vae, tokenize)
+from editsuite.demo.scenes import render
 
 ROOT = Path(__file__).resolve().parent
-TOKENIZER = ROOT.parent / "configs" / "sd-v1" / "tokenizer"
-RES = 64  # native resolution of base and inpainting models
-FACTOR = 4  # VAE downsampling: a small object (15 px at 64 px) spans 4 latent pixels, not 2 as at factor 8
-LAT = RES // FACTOR
-MIN_SNR = 5.0  # min-SNR-gamma loss weighting (Hang et al. 2023): faster convergence for the same steps
-# Offset noise (Guttenberg 2023): a per-picture, per-channel constant added to the training noise. SD's schedule
-# leaves a trace of the picture's mean at t=999; at 16x16 latents the model learns to read the background's
-# colour from that trace instead of the caption, and sampling from pure noise then gives muddy backgrounds.
-OFFSET_NOISE = 0.1
-HELDOUT_SEED, TRAIN_SEED = 20261127, 7
-DEVICE = torch.device("cpu")  # --device: where the models train; data and random numbers stay on the CPU
 
-BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
-UP_BETAS = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear", num_train_timesteps=1000)
 # The base and the inpainting train on 60 % two-object scenes (the grammar's own mix, and the evaluation's,
 # is 40 %): with 40 %, 119 of the 129 objects the base got wrong on the held-out prompts were in two-object
 # scenes. Measured, same steps: shape 83.6 -> 88.2 %, object colour 90.8 -> 94.8 %, background 99.5 -> 96.2 %.
 BASE_TWO_OBJECTS = 0.6
-
-
-def heldout_prompts(n: int = 200) -> list[str]:
-    """The evaluation prompts: drawn from the grammar with their own seed, excluded from training."""
-    rng = np.random.default_rng(HELDOUT_SEED)
-    out: list[str] = []
-    while len(out) < n:
-        c = sample_scene(rng).caption()
-        if c not in out:
-            out.append(c)
-    return out
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-def scenes(n: int, rng: np.random.Generator, banned: set[str], **mix) -> list:
-    """n scenes whose captions are not in `banned`; `mix` goes to sample_scene (e.g. two_objects=0.6)."""
-    out = []
-    while len(out) < n:
-        s = sample_scene(rng, **mix)
-        if s.caption() not in banned:
-            out.append(s)
-    return out
-
-
-class EMA:
-    def __init__(self, model, decay: float = 0.999):
-        self.decay, self.shadow = decay, copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model, step: int):
-        d = min(self.decay, (1 + step) / (10 + step))
-        for e, p in zip(self.shadow.parameters(), model.parameters()):
-            e.lerp_(p, 1 - d)
-
-
-def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
-
-
-def make_vae(blocks: tuple[int, ...] = (16, 32, 64)) -> AutoencoderKL:
-    n = len(blocks)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * n,
-                         up_block_types=["UpDecoderBlock2D"] * n, block_out_channels=blocks, layers_per_block=1,
-                         latent_channels=4, norm_num_groups=16, sample_size=RES)
-
-
-def train_vae(vae: AutoencoderKL, steps: int, batch: int, make_batch, name: str, lr: float = 1e-3,
-              decoder_only: bool = False, made=None, bf16: bool = False) -> AutoencoderKL:
-    """decoder_only: the encoder (and so the latent space a UNet was trained on) stays as it is.
-    made(n) -> (pictures, unscaled latents a UNet made for them): with it, 3 steps in 4 decode those.
-    bf16: encode and decode under bfloat16 autocast (weights, optimiser and loss stay float32), as in
-    `train_unet`. Measured on this CPU (AMX), 8 pictures of 128 px: the family VAE's round trip 0.38 s a step
-    instead of 0.65, the decoder alone 0.28 instead of 0.48."""
-    vae.to(DEVICE)
-    vae.train().requires_grad_(not decoder_only)
-    if decoder_only:
-        vae.decoder.requires_grad_(True)
-        vae.post_quant_conv.requires_grad_(True)
-    opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    t0 = time.time()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr)
-        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
-            if made is not None and step % 4:
-                x, z = (v.to(DEVICE) for v in made(batch))
-                kl = torch.zeros(())
-            else:
-                x = make_batch(batch).to(DEVICE)
-                with torch.set_grad_enabled(not decoder_only):
-                    post = vae.encode(x).latent_dist
-                z, kl = post.sample(), post.kl().float().mean()
-            y = vae.decode(z).sample.float()
-        loss = (y - x).abs().mean() + (y - x).pow(2).mean() + 1e-6 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 100 == 0 or step == steps - 1:
-            log(f"{name} step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
-    return vae.cpu().eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def encode_moments(vae: AutoencoderKL, images, chunk: int = 256) -> torch.Tensor:
-    """uint8 pictures (N, H, W, 3) or pixels (N, 3, H, W) in [-1, 1] -> VAE moments (N, 8, h, w)."""
-    def pixels(i):
-        part = images[i:i + chunk]
-        return (part if isinstance(part, torch.Tensor) else to_tensor(part)).to(DEVICE)
-
-    vae.to(DEVICE)
-    out = torch.cat([vae.encode(pixels(i)).latent_dist.parameters.cpu() for i in range(0, len(images), chunk)])
-    vae.cpu()
-    return out
-
-
-def sample_latents(moments: torch.Tensor, scale: float) -> torch.Tensor:
-    mean, logvar = moments.chunk(2, dim=1)
-    return (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn_like(mean)) * scale
-
-
-def tokenize(tok: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
-    return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-               return_tensors="pt").input_ids
-
-
-def make_text_encoder(hidden: int = 32, layers: int = 3) -> CLIPTextModel:
-    """CLIP text model over the full CLIP vocabulary; the token table dominates its size (49408 x hidden)."""
-    return CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=max(1, hidden // 16),
-        num_hidden_layers=layers, max_position_embeddings=77, projection_dim=hidden, bos_token_id=49406,
-        eos_token_id=49407, pad_token_id=49407, hidden_act="quick_gelu"))
-
-
-def make_upscaler_text_encoder() -> CLIPTextModel:
-    """The upscaler is trained without prompts (its context is always that of ""), so its text encoder is a
-    minimal, seeded one: it keeps the pipeline's shape and the family's size small."""
-    torch.manual_seed(TRAIN_SEED)
-    return make_text_encoder(hidden=8, layers=1)
-
-
-def make_unet(in_channels: int, *, upscaler: bool = False) -> UNet2DConditionModel:
-    if upscaler:
-        # Convolutions only (no attention, not even in the mid block): the prompt is always "", and a
-        # convolutional UNet does the same work at any picture size. (The 7 dB an earlier upscaler lost at
-        # 32 -> 128 px was its VAE's decode of whole 128 px pictures; see `upvae`.)
-        return UNet2DConditionModel(
-            sample_size=LAT, in_channels=in_channels, out_channels=4, block_out_channels=(64, 96),
-            layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "UpBlock2D"), mid_block_type="UNetMidBlock2D", cross_attention_dim=8,
-            norm_num_groups=16, num_class_embeds=1000)
-    return UNet2DConditionModel(
-        sample_size=LAT, in_channels=in_channels, out_channels=4, block_out_channels=(64, 96),
-        layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=4,  # diffusers' name for the number of heads: 4 heads of 24, 1.5x faster than 8 of 12
-        norm_num_groups=16)
-
-
-def train_unet(unet, text_encoder, *, steps: int, batch: int, make_batch, sched, name: str, lr: float,
-               train_text: bool, offset: float = 0.0, mask_weight: float = 0.0, bf16: bool = False,
-               fused: bool = False, checkpoint=None) -> tuple:
-    """Diffusion training: make_batch(n) -> (x0 latents, ids, extra channels or None, class labels or None).
-    mask_weight: for inpainting (extra channel 0 = the mask), the loss inside the mask counts 1 + mask_weight
-    times as much as outside. bf16: forward and backward under bfloat16 autocast (weights, optimiser and loss
-    stay float32); it pays on a CPU with AVX512-BF16 for the convolutional upscaler (measured in `upscaler`).
-    fused: PyTorch's fused AdamW kernel, the same update in one pass (the upscaler's optimiser step: 10 ms -> 2 ms
-    on this CPU); the base and inpainting keep the default loop, so their shipped weights reproduce as trained."""
-    unet.to(DEVICE)
-    text_encoder.to(DEVICE)
-    params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=fused or None)
-    ema_u = EMA(unet)
-    ema_t = EMA(text_encoder) if train_text else None
-    text_encoder.train(train_text).requires_grad_(train_text)
-    unet.train()
-    acp = sched.alphas_cumprod.to(DEVICE)
-    t0 = time.time()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr)
-        x0, ids, extra, labels = (v if v is None else v.to(DEVICE) for v in make_batch(batch))
-        noise = torch.randn(x0.shape)  # drawn on the CPU: the same numbers whatever --device is
-        if offset:
-            noise = noise + offset * torch.randn(x0.shape[0], x0.shape[1], 1, 1)
-        noise = noise.to(DEVICE)
-        t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],)).to(DEVICE)
-        xt = sched.add_noise(x0, noise, t)
-        if sched.config.prediction_type == "v_prediction":
-            a = acp[t].sqrt().view(-1, 1, 1, 1)
-            s = (1 - acp[t]).sqrt().view(-1, 1, 1, 1)
-            target = a * noise - s * x0
-        else:
-            target = noise
-        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
-            with torch.set_grad_enabled(train_text):
-                ctx = text_encoder(ids)[0]
-            inp = xt if extra is None else torch.cat([xt, extra], dim=1)
-            pred = unet(inp, t, ctx, class_labels=labels).sample.float()
-        snr = acp[t] / (1 - acp[t])
-        weight = snr.clamp(max=MIN_SNR) / (snr + 1 if sched.config.prediction_type == "v_prediction" else snr)
-        err = (pred - target).pow(2)
-        if mask_weight:
-            err = err * (1 + mask_weight * extra[:, :1])
-        loss = (weight * err.mean(dim=(1, 2, 3))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema_u.update(unet, step)
-        if ema_t:
-            ema_t.update(text_encoder, step)
-        if step % 100 == 0 or step == steps - 1:
-            log(f"{name} step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
-        if checkpoint is not None and step % 1000 == 999:  # so a long run can be looked at midway
-            checkpoint(ema_u.shadow, ema_t.shadow if ema_t else text_encoder)
-    return ema_u.shadow, (ema_t.shadow if ema_t else text_encoder.eval())
 
 
 class Trainer:
@@ -452,7 +237,7 @@ class Trainer:
         sampling of its data) 900 steps take 356 s alone, against 434 for 600 in float32: with the 6000-step UNet
         +2.12 dB over Lanczos (128 px round trip 34.28 dB)."""
         vae = AutoencoderKL.from_pretrained(self.work / "upvae")
-        pipe = self.upscale_pipeline(vae).to(DEVICE)
+        pipe = self.upscale_pipeline(vae).to(fitting.DEVICE)
         pipe.set_progress_bar_config(disable=True)
         hi, lo = self.pairs(self.n(1024), 2 * RES)
         made = []
@@ -460,7 +245,7 @@ class Trainer:
             low = [PIL.Image.fromarray(x) for x in lo[i:i + 16]]
             # under bfloat16 autocast: 1.8 s for 16 pictures instead of 3.5 (the score then runs the upscaler in
             # float32, and measured +2.12 dB with a decoder tuned on these)
-            with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            with torch.autocast(fitting.DEVICE.type, dtype=torch.bfloat16):
                 made.append(pipe(prompt=[""] * len(low), image=low, num_inference_steps=20, guidance_scale=0,
                                  noise_level=20, output_type="latent",
                                  generator=torch.Generator().manual_seed(TRAIN_SEED + i)).images.float().cpu()
@@ -542,7 +327,7 @@ class Trainer:
 
     def export(self):
         dest = getattr(self, "dest", ROOT)
-        from diffusers import StableDiffusionPipeline, StableDiffusionUpscalePipeline
+        from diffusers import StableDiffusionPipeline
 
         te = CLIPTextModel.from_pretrained(self.work / "text_encoder")
         vae = AutoencoderKL.from_pretrained(self.work / "vae")
@@ -588,8 +373,7 @@ def main(argv=None) -> None:
     ap.add_argument("--dest", type=Path, default=ROOT, help="where export writes the three model folders")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    global DEVICE
-    DEVICE = torch.device(args.device)
+    fitting.DEVICE = torch.device(args.device)
     trainer = Trainer(args.work, args.scale)
     trainer.dest = args.dest
     t0 = time.time()

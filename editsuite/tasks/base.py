@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import random
+import inspect
+import types
 from typing import Any, ClassVar
 
 import PIL.Image
@@ -13,12 +14,9 @@ from editsuite.core import loop
 from editsuite.core.prompts import encode_prompt
 from editsuite.core.schedulers import PIPELINE_FIXES, a1111_sampler, make_scheduler, pipeline_config
 from editsuite.errors import UserError
-from editsuite.imaging.output import DEFAULT_MAX_OUTPUT_PIXELS, MAX_SIDE, check_output_size
-
-DEFAULT_STEPS = 25
-DEFAULT_GUIDANCE = 7.5
-MAX_GUIDANCE = 100.0  # far above any useful scale (AUTOMATIC1111's slider stops at 30); refuses inf and 1e308
-MAX_SEED = 2**32 - 1  # the seed range other SD tools use, so seeds can be shared
+from editsuite.imaging.output import DEFAULT_MAX_OUTPUT_PIXELS, check_output_size
+from editsuite.tasks import params as P
+from editsuite.tasks.params import Param, random_seed
 
 
 @dataclasses.dataclass
@@ -36,57 +34,25 @@ class TaskResult:
 
 @dataclasses.dataclass(frozen=True)
 class Common:
-    """Settings every task takes, validated once."""
+    """The settings every task takes (see params.COMMON), checked, with the seed drawn when none was given."""
 
-    prompt: str = ""
-    negative_prompt: str = ""
-    steps: int = DEFAULT_STEPS
-    guidance_scale: float = DEFAULT_GUIDANCE
-    seed: int | None = None
-    scheduler: str | None = None
-    num_images: int = 1
-    eta: float = 0.0
+    prompt: str
+    negative_prompt: str
+    steps: int
+    guidance_scale: float
+    seed: int
+    scheduler: str | None
+    num_images: int
+    eta: float
 
-    def validated(self) -> "Common":
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise UserError(f"steps must be at least 1 (got {self.steps})")
-        if self.num_images < 1:
-            raise UserError(f"num_images must be at least 1 (got {self.num_images})")
-        if not 0 <= self.guidance_scale <= MAX_GUIDANCE:  # refuses NaN too: every comparison with it is false
-            raise UserError(f"guidance scale must be between 0 and {MAX_GUIDANCE:g} (got {self.guidance_scale})")
-        for name, text in (("prompt", self.prompt), ("negative prompt", self.negative_prompt)):
-            try:
-                (text or "").encode("utf-8")
-            except UnicodeEncodeError:  # bytes the shell could not decode arrive as lone surrogates
-                raise UserError(f"the {name} holds bytes that are not UTF-8 text; write it in UTF-8") from None
-        if not 0 <= self.eta <= 1:
-            raise UserError(f"eta must be between 0 and 1 (got {self.eta})")
-        seed = self.seed
-        if seed is None:
-            seed = random.randint(0, MAX_SEED)
-        elif not 0 <= int(seed) < 2**63:
-            raise UserError(f"seed must be between 0 and 2^63-1 (got {seed})")
-        return dataclasses.replace(self, seed=int(seed), prompt=self.prompt or "", negative_prompt=self.negative_prompt or "")
-
-
-def check_strength(strength: float, name: str = "strength") -> float:
-    if not 0.0 <= float(strength) <= 1.0:
-        raise UserError(f"{name} must be between 0 and 1 (got {strength})")
-    return float(strength)
-
-
-def check_size(value: int | None, name: str, multiple: int = 8) -> int | None:
-    """Sizes must be multiples of the VAE factor: say so, and what the nearest valid values are."""
-    if value is None:
-        return None
-    if value < multiple:
-        raise UserError(f"{name} must be at least {multiple} pixels (got {value})")
-    if value > MAX_SIDE:  # the CLI, recipes and the Python API all come through here
-        raise UserError(f"{name} must be at most {MAX_SIDE} pixels (got {value})")
-    if value % multiple:
-        lo = value - value % multiple
-        raise UserError(f"{name} {value} is not a multiple of {multiple}; use {lo} or {lo + multiple}")
-    return value
+    @classmethod
+    def of(cls, values) -> "Common":
+        """From a run's checked values (a namespace or a dict)."""
+        v = values if isinstance(values, dict) else vars(values)
+        fields = {f.name: v[f.name] for f in dataclasses.fields(cls)}
+        if fields["seed"] is None:
+            fields["seed"] = random_seed()
+        return cls(**fields)
 
 
 def round_to(x: int, multiple: int) -> int:
@@ -95,10 +61,16 @@ def round_to(x: int, multiple: int) -> int:
 
 
 class Task:
-    """A task prepares inputs for the shared loop; subclasses define `name`, `kinds` and `run`."""
+    """A task prepares inputs for the shared loop. A subclass defines `name`, `kinds`, `inputs` (the pictures
+    it takes, positionally), `params` (its parameters: params.Param definitions, from which `run`'s keywords,
+    the CLI command, the recipe schema and the JSON description all come) and `_run`, which gets the
+    inputs and the checked values as a namespace."""
 
     name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""  # one line: the CLI command's help
     kinds: ClassVar[tuple[ModelKind, ...]] = (ModelKind.BASE,)
+    inputs: ClassVar[tuple[str, ...]] = ()
+    params: ClassVar[tuple[Param, ...]] = P.COMMON
     # the scheduler-config corrections of the diffusers pipeline this task matches (see schedulers.FIXES)
     scheduler_fixes: ClassVar[tuple[str, ...]] = PIPELINE_FIXES
 
@@ -114,6 +86,55 @@ class Task:
         self.bundle = bundle
         self.max_output_pixels = max_output_pixels
 
+    def __init_subclass__(cls, **kw):
+        """Each task's `run` takes its inputs (and the prompt) positionally and its parameters by keyword; its
+        signature, for help() and editors, is made from the definitions."""
+        super().__init_subclass__(**kw)
+
+        def run(self, *args, callback: loop.StepCallback | None = None, **kwargs) -> TaskResult:
+            return self._dispatch(args, kwargs, callback)
+        run.__signature__ = _signature(cls)
+        run.__doc__ = f"{cls.summary}\n\n" + "\n".join(f"{p.name}: {p.help}" for p in cls.params)
+        run.__qualname__ = f"{cls.__name__}.run"
+        cls.run = run
+
+    @classmethod
+    def validate(cls, values: dict[str, Any], factor: int | None = None) -> dict[str, Any]:
+        """Every parameter checked (defaults filled in): the one place the rules run. `factor` is the model's VAE
+        factor; None before the model is known (the CLI and recipes check then, the task again when it runs)."""
+        checked = P.validate(cls.params, values, factor=factor)
+        cls.check_together(checked)
+        return checked
+
+    @classmethod
+    def check_together(cls, values: dict[str, Any]) -> None:
+        """Rules between parameters (none by default)."""
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        """The machine-readable description of this edit (`editsuite tasks --json`)."""
+        return {"name": cls.name, "summary": cls.summary, "inputs": list(cls.inputs),
+                "model_kinds": [k.value for k in cls.kinds], "params": P.describe(cls.params)}
+
+    def _dispatch(self, args: tuple, kwargs: dict, callback) -> TaskResult:
+        names = (*self.inputs, "prompt")
+        if len(args) > len(names):
+            raise TypeError(f"{type(self).__name__}.run takes {len(names)} positional arguments ({', '.join(names)}), "
+                            f"got {len(args)}")
+        for name, value in zip(names, args):
+            if name in kwargs:
+                raise TypeError(f"{type(self).__name__}.run got two values for {name!r}")
+            kwargs[name] = value
+        missing = [n for n in self.inputs if n not in kwargs]
+        if missing:
+            raise TypeError(f"{type(self).__name__}.run needs {', '.join(missing)}")
+        inputs = {n: kwargs.pop(n) for n in self.inputs}
+        values = self.validate(kwargs, self.bundle.manifest.vae_scale_factor)
+        return self._run(**inputs, v=types.SimpleNamespace(**values), callback=callback)
+
+    def _run(self, *, v, callback) -> TaskResult:
+        raise NotImplementedError
+
     @classmethod
     def output_size(cls, args: dict, image_size: tuple[int, int] | None) -> tuple[int, int] | None:
         """The size of each picture a run with `args` (the run's keyword arguments) makes from an input of
@@ -127,9 +148,10 @@ class Task:
 
     # -- pieces every run uses -------------------------------------------------------------------------
 
-    def start(self, common: Common, fixes: tuple[str, ...] | None = None):
-        """Validated settings, the guidance, a fresh scheduler and the generators (image i: seed + i)."""
-        c = common.validated()
+    def start(self, values, fixes: tuple[str, ...] | None = None):
+        """The shared settings (the seed drawn if none), the guidance, a fresh scheduler and the generators
+        (image i: seed + i)."""
+        c = Common.of(values)
         scheduler = self.new_scheduler(c.scheduler, fixes)
         guidance = encode_prompt(self.bundle, c.prompt, c.negative_prompt, c.num_images, c.guidance_scale)
         return c, guidance, scheduler, loop.generators_for(c.seed, c.num_images)
@@ -166,3 +188,14 @@ class Task:
             "editsuite": __version__,
         }
 
+
+def _signature(cls) -> inspect.Signature:
+    kinds = inspect.Parameter
+    params = [kinds("self", kinds.POSITIONAL_ONLY)]
+    params += [kinds(n, kinds.POSITIONAL_OR_KEYWORD) for n in cls.inputs]
+    for p in sorted(cls.params, key=lambda p: p.name != "prompt"):  # the prompt may come positionally
+        annotation = p.kind if not p.optional else (p.kind | None)
+        kind = kinds.POSITIONAL_OR_KEYWORD if p.name == "prompt" else kinds.KEYWORD_ONLY
+        params.append(kinds(p.name, kind, default=p.default, annotation=annotation))
+    params.append(kinds("callback", kinds.KEYWORD_ONLY, default=None))
+    return inspect.Signature(params, return_annotation=TaskResult)

@@ -8,8 +8,8 @@ import torch
 from editsuite.bundle.manifest import ModelKind
 from editsuite.core import loop
 from editsuite.imaging.io import open_image
-from editsuite.tasks.base import (DEFAULT_GUIDANCE, DEFAULT_STEPS, Common, Task, TaskResult, check_size,
-                                  check_strength, round_to)
+from editsuite.tasks import params as P
+from editsuite.tasks.base import Common, Task, TaskResult, round_to
 
 
 def work_size(image: PIL.Image.Image, width: int | None, height: int | None, multiple: int) -> tuple[int, int]:
@@ -37,27 +37,25 @@ def img2img_latents(task: Task, pixels: torch.Tensor, c: Common, guidance, sched
 
 class Img2Img(Task):
     name = "img2img"
+    summary = "Repaint pictures guided by a prompt."
     kinds = (ModelKind.BASE,)
+    inputs = ("image",)
+    params = (*P.COMMON, P.strength(0.75), *P.size_params("default: the input's, rounded"))
 
-    def run(self, image, prompt: str = "", *, strength: float = 0.75, width: int | None = None,
-            height: int | None = None, negative_prompt: str = "", steps: int = DEFAULT_STEPS,
-            guidance_scale: float = DEFAULT_GUIDANCE, seed: int | None = None, scheduler: str | None = None,
-            num_images: int = 1, eta: float = 0.0, callback: loop.StepCallback | None = None) -> TaskResult:
-        # 1. Check inputs
+    def _run(self, image, *, v, callback) -> TaskResult:
+        # 1. Open the input; the work size
         f = self.bundle.manifest.vae_scale_factor
-        strength = check_strength(strength)
-        width, height = check_size(width, "width", f), check_size(height, "height", f)
         image = open_image(image)
-        w, h = work_size(image, width, height, f)
-        self.check_output(w, h, num_images)
-        # 2. Prompt, scheduler, generator
-        c, guidance, sched, gen = self.start(
-            Common(prompt, negative_prompt, steps, guidance_scale, seed, scheduler, num_images, eta))
-        meta = self.metadata(c, w, h, strength=strength)
+        w, h = work_size(image, v.width, v.height, f)
+        self.check_output(w, h, v.num_images)
+        # 2. Prompt, scheduler, generators
+        c, guidance, sched, gen = self.start(v)
+        meta = self.metadata(c, w, h, strength=v.strength)
         # 3. Encode, noise, denoise, decode (strength 0 keeps the input exactly)
         pixels = loop.image_processor(self.bundle).preprocess(image, height=h, width=w)
-        latents = img2img_latents(self, pixels, c, guidance, sched, gen, strength, callback) if strength > 0 else None
+        latents = img2img_latents(self, pixels, c, guidance, sched, gen, v.strength, callback) if v.strength > 0 \
+            else None
         if latents is None:
             return TaskResult([image.copy() for _ in range(c.num_images)], {**meta, "steps_run": 0})
         out = loop.decode(self.bundle, latents)
-        return TaskResult(out if width or height else restore_size(out, image.size), meta)
+        return TaskResult(out if v.width or v.height else restore_size(out, image.size), meta)

@@ -6,11 +6,13 @@ import cv2
 import numpy as np
 import PIL.Image
 
-from editsuite.core import loop
+from editsuite.bundle.manifest import ModelKind
+from editsuite.core.schedulers import INPAINT_FIXES
 from editsuite.errors import UserError
 from editsuite.imaging.io import open_image
-from editsuite.tasks.base import DEFAULT_GUIDANCE, DEFAULT_STEPS, Common, TaskResult, check_strength
-from editsuite.tasks.inpaint import Inpaint
+from editsuite.tasks import params as P
+from editsuite.tasks.base import Task, TaskResult
+from editsuite.tasks.inpaint import MaskedEdit, repaint
 
 
 def extend_canvas(image: PIL.Image.Image, left: int, right: int, top: int, bottom: int, feather: int):
@@ -34,30 +36,48 @@ def extend_canvas(image: PIL.Image.Image, left: int, right: int, top: int, botto
     return PIL.Image.fromarray(canvas), PIL.Image.fromarray(new), PIL.Image.fromarray(overlay)
 
 
-class Outpaint(Inpaint):
+SIDES = ("left", "right", "top", "bottom")
+
+
+class Outpaint(Task):
     name = "outpaint"
+    summary = "Extend pictures on any side and fill the new area."
+    kinds = (ModelKind.BASE, ModelKind.INPAINTING)
+    inputs = ("image",)
+    scheduler_fixes = INPAINT_FIXES
+    params = (
+        *P.COMMON,
+        *(P.Param(side, int, 0, f"Pixels to add {where}.", low=0) for side, where in zip(
+            SIDES, ("on the left", "on the right", "on top", "at the bottom"))),
+        P.Param("expand", int, 0, "Pixels to add on every side (instead of the four above).", low=0),
+        P.Param("feather", int, 16, "Fade the new area in over this many pixels from the edge.", low=0),
+        P.strength(1.0),
+    )
+
+    @classmethod
+    def sides(cls, values: dict) -> dict[str, int]:
+        """The pixels added on each side: `expand` on all four, or each side's own."""
+        expand = values.get("expand", 0)
+        return {s: expand for s in SIDES} if expand else {s: values.get(s, 0) for s in SIDES}
+
+    @classmethod
+    def check_together(cls, values: dict) -> None:
+        if values["expand"] and any(values[s] for s in SIDES):
+            raise UserError("give either --expand or --left/--right/--top/--bottom, not both")
+        if not any(cls.sides(values).values()):
+            raise UserError("nothing to extend: give --left, --right, --top or --bottom (or --expand) in pixels")
 
     @classmethod
     def output_size(cls, args: dict, image_size: tuple[int, int]) -> tuple[int, int]:
         w, h = image_size
-        return w + args.get("left", 0) + args.get("right", 0), h + args.get("top", 0) + args.get("bottom", 0)
+        sides = cls.sides(args)
+        return w + sides["left"] + sides["right"], h + sides["top"] + sides["bottom"]
 
-    def run(self, image, prompt: str = "", *, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0,
-            feather: int = 16, strength: float = 1.0, negative_prompt: str = "", steps: int = DEFAULT_STEPS,
-            guidance_scale: float = DEFAULT_GUIDANCE, seed: int | None = None, scheduler: str | None = None,
-            num_images: int = 1, eta: float = 0.0, callback: loop.StepCallback | None = None) -> TaskResult:
-        # 1. Check inputs
-        sides = dict(left=left, right=right, top=top, bottom=bottom)
-        if any(v < 0 for v in sides.values()) or feather < 0:
-            raise UserError(f"outpaint sizes and feather must be 0 or more pixels (got {sides}, feather {feather})")
-        if not any(sides.values()):
-            raise UserError("nothing to extend: give --left, --right, --top or --bottom (or --expand) in pixels")
+    def _run(self, image, *, v, callback) -> TaskResult:
         image = open_image(image)
-        self.check_output(*self.output_size(sides, image.size), num_images)  # before the canvas is made
-        # 2. Canvas and masks, then the shared inpainting core
-        canvas, mask, overlay = extend_canvas(image, left, right, top, bottom, feather)
-        common = Common(prompt, negative_prompt, steps, guidance_scale, seed, scheduler, num_images, eta)
-        return self.generate(canvas, mask, overlay, common, strength=check_strength(strength),
-                             crop_padding=None, overlay=True, width=None, height=None, callback=callback,
-                             extra=dict(**sides, feather=feather, strength=strength,
-                                        input_size=[image.width, image.height]))
+        self.check_output(*self.output_size(vars(v), image.size), v.num_images)  # before the canvas is made
+        # the canvas and masks, then the inpainting core
+        sides = self.sides(vars(v))
+        canvas, mask, paste = extend_canvas(image, **sides, feather=v.feather)
+        return repaint(self, MaskedEdit(canvas, mask, paste), v, callback,
+                       dict(**sides, feather=v.feather, input_size=[image.width, image.height]))

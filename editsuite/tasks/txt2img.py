@@ -4,31 +4,29 @@ from __future__ import annotations
 
 from editsuite.bundle.manifest import ModelKind
 from editsuite.core import loop
-from editsuite.tasks.base import DEFAULT_GUIDANCE, DEFAULT_STEPS, Common, Task, TaskResult, check_size
+from editsuite.tasks import params as P
+from editsuite.tasks.base import Task, TaskResult
 
 
 class Txt2Img(Task):
     name = "txt2img"
+    summary = "Paint a picture from a prompt."
     kinds = (ModelKind.BASE,)
+    params = (*P.COMMON, *P.size_params("default: the model's own size"))
 
     @classmethod
     def output_size(cls, args: dict, image_size=None) -> tuple[int, int] | None:
         w, h = args.get("width"), args.get("height")
         return (w or h, h or w) if (w or h) else None  # neither: the model's own size, known once it loads
 
-    def run(self, prompt: str = "", *, width: int | None = None, height: int | None = None,
-            negative_prompt: str = "", steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
-            seed: int | None = None, scheduler: str | None = None, num_images: int = 1, eta: float = 0.0,
-            callback: loop.StepCallback | None = None) -> TaskResult:
-        # 1. Check inputs; default size is the model's native resolution
+    def _run(self, *, v, callback) -> TaskResult:
+        # 1. Default size: the model's native resolution
         m = self.bundle.manifest
         f = m.vae_scale_factor
-        width = check_size(width, "width", f) or m.native_resolution
-        height = check_size(height, "height", f) or m.native_resolution
-        self.check_output(width, height, num_images)
-        # 2. Prompt, scheduler, generator
-        c, guidance, sched, gen = self.start(
-            Common(prompt, negative_prompt, steps, guidance_scale, seed, scheduler, num_images, eta))
+        width, height = v.width or m.native_resolution, v.height or m.native_resolution
+        self.check_output(width, height, v.num_images)
+        # 2. Prompt, scheduler, generators
+        c, guidance, sched, gen = self.start(v)
         # 3. Pure-noise latents (B, 4, H/f, W/f)
         timesteps = loop.schedule(sched, c.steps, self.bundle.device)
         shape = (c.num_images, m.latent_channels, height // f, width // f)

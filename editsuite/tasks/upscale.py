@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import dataclasses
 
 import numpy as np
 import PIL.Image
@@ -12,7 +12,8 @@ from editsuite.bundle.manifest import ModelKind
 from editsuite.core import loop
 from editsuite.errors import UserError
 from editsuite.imaging.io import open_image
-from editsuite.tasks.base import DEFAULT_STEPS, Common, Task, TaskResult, check_strength
+from editsuite.tasks import params as P
+from editsuite.tasks.base import Task, TaskResult
 from editsuite.tasks.img2img import img2img_latents
 
 
@@ -45,37 +46,46 @@ def tile_weights(h: int, w: int, overlap: int, edges: tuple[bool, bool, bool, bo
 
 class Upscale(Task):
     name = "upscale"
+    summary = "Make pictures larger: the x4 upscaler model, or a tiled img2img pass with a base model."
     kinds = (ModelKind.UPSCALER, ModelKind.BASE)
+    inputs = ("image",)
+    params = (
+        dataclasses.replace(P.PROMPT, help="What to paint (optional).", cli_required=False),
+        *(p for p in P.COMMON if p.name not in ("prompt", "guidance_scale")),
+        dataclasses.replace(P.by_name(P.COMMON)["guidance_scale"], default=None, optional=True,
+                            help="Classifier-free guidance scale (default 9 for the x4 upscaler, else 7.5)."),
+        P.Param("scale", float, 4.0, "Upscaling factor.", low=1, high=8),
+        P.Param("noise_level", int, 20, "x4 upscaler: noise added to the low-res input.", low=0),
+        P.Param("tile", int, None, "Tile size for the tiled upscale (default: the model's resolution).", optional=True,
+                low=1),
+        P.Param("overlap", int, None, "Overlap between tiles, in pixels (default: 1/8 of the tile).", optional=True,
+                low=0),
+        P.strength(0.3),
+    )
 
     @classmethod
     def output_size(cls, args: dict, image_size: tuple[int, int]) -> tuple[int, int]:
-        scale = args.get("scale", 4)
-        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-            raise UserError(f"scale must be a positive number (got {scale})")
+        scale = args.get("scale", 4)  # checked values (params)
         return round(image_size[0] * scale), round(image_size[1] * scale)
 
-    def run(self, image, prompt: str = "", *, scale: float = 4, noise_level: int = 20, tile: int | None = None,
-            overlap: int | None = None, strength: float = 0.3, negative_prompt: str = "", steps: int = DEFAULT_STEPS,
-            guidance_scale: float | None = None, seed: int | None = None, scheduler: str | None = None,
-            num_images: int = 1, eta: float = 0.0, callback: loop.StepCallback | None = None) -> TaskResult:
-        if not 1 <= scale <= 8:
-            raise UserError(f"scale must be between 1 and 8 (got {scale})")
+    def _run(self, image, *, v, callback) -> TaskResult:
         image = open_image(image)
-        self.check_output(*self.output_size(dict(scale=scale), image.size), num_images)
+        self.check_output(*self.output_size(vars(v), image.size), v.num_images)
         x4 = self.bundle.kind is ModelKind.UPSCALER
-        guidance_scale = (9.0 if x4 else 7.5) if guidance_scale is None else guidance_scale
-        common = Common(prompt, negative_prompt, steps, guidance_scale, seed, scheduler, num_images, eta)
+        if v.guidance_scale is None:
+            v.guidance_scale = 9.0 if x4 else P.DEFAULT_GUIDANCE
         if x4:
-            return self._x4(image, common, scale, noise_level, callback)
-        return self._tiled(image, common, scale, tile, overlap, check_strength(strength), callback)
+            return self._x4(image, v, callback)
+        return self._tiled(image, v, callback)
 
-    def _x4(self, image, common: Common, scale: float, noise_level: int, callback) -> TaskResult:
+    def _x4(self, image, v, callback) -> TaskResult:
         """diffusers' StableDiffusionUpscalePipeline: latents at the low-res size, the noised low-res image
         concatenated on channels, `class_labels = noise_level`; decoded 4x larger."""
         b, m = self.bundle, self.bundle.manifest
+        scale, noise_level = v.scale, v.noise_level
         if not 0 <= noise_level <= m.max_noise_level:
             raise UserError(f"noise level must be between 0 and {m.max_noise_level} (got {noise_level})")
-        c, guidance, sched, gen = self.start(common, fixes=())  # diffusers' x4 pipeline corrects nothing
+        c, guidance, sched, gen = self.start(v, fixes=())  # diffusers' x4 pipeline corrects nothing
         low = loop.image_processor(b, resample="bicubic").preprocess(image).to(b.device, b.dtype)
         timesteps = loop.schedule(sched, c.steps, b.device)
         level = torch.tensor([noise_level], dtype=torch.long, device=b.device)
@@ -94,19 +104,19 @@ class Upscale(Task):
         return TaskResult(out, self.metadata(c, target[0], target[1], scale=scale, noise_level=noise_level,
                                              method="x4-upscaler"))
 
-    def _tiled(self, image, common: Common, scale: float, tile: int | None, overlap: int, strength: float,
-               callback) -> TaskResult:
+    def _tiled(self, image, v, callback) -> TaskResult:
         """"SD upscale": Lanczos to the target size, then img2img over overlapping tiles, crossfaded."""
         b, m = self.bundle, self.bundle.manifest
         f = m.vae_scale_factor
-        tile = tile or m.native_resolution
+        scale, overlap, strength = v.scale, v.overlap, v.strength
+        tile = v.tile or m.native_resolution
         overlap = tile // 8 if overlap is None else overlap  # 64 px for 512 px tiles, as AUTOMATIC1111
         if tile < f or tile % f or not 0 <= overlap < tile // 2 + 1:
             raise UserError(f"tile must be a multiple of {f} and overlap between 0 and half the tile "
                             f"(got tile {tile}, overlap {overlap})")
         target = (round(image.width * scale), round(image.height * scale))
         big = image.resize(target, PIL.Image.LANCZOS)
-        c, guidance, sched, gen = self.start(common)
+        c, guidance, sched, gen = self.start(v)
         meta = self.metadata(c, target[0], target[1], scale=scale, tile=tile, overlap=overlap, strength=strength,
                              method="tiled-img2img")
         if strength == 0 or min(target) < f:
