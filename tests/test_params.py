@@ -114,3 +114,31 @@ def test_no_import_cycle_and_no_locals():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
     root = Path(editsuite.__file__).parent
     assert not [p for p in root.rglob("*.py") if "locals()" in p.read_text()]
+
+
+def test_edge_values_of_the_python_api(tmp_path):
+    bundle = tiny_bundle()
+    assert editsuite.Txt2Img(bundle).run(None, negative_prompt=None, steps=1, seed=0).metadata["prompt"] == ""
+    with pytest.raises(UserError, match="would pass the largest seed"):  # image 1 would take seed 2^63
+        editsuite.Txt2Img(bundle).run("x", seed=2**63 - 1, num_images=2, steps=1)
+    with pytest.raises(UserError, match="max_output_pixels must be a positive whole number"):
+        editsuite.Txt2Img(bundle, max_output_pixels=None)
+    # one side given: the other is the model's, so the size (and its bound) is known only once it loads
+    assert editsuite.Txt2Img.output_size({"width": 4096}) is None
+
+
+def test_a_recipe_whose_size_the_model_cannot_take_fails_once(tmp_path):
+    """width 66 on the demo model (factor 4): one error for the recipe, nothing written, not a failure per item."""
+    from editsuite.batch import Batch
+
+    for i in range(2):
+        PIL.Image.new("RGB", (64, 64), (i * 90, 40, 200)).save(tmp_path / f"in{i}.png")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('task = "img2img"\ninputs.images = ["in*.png"]\n[params]\nwidth = 66\nsteps = 1\n'
+                      '[output]\nfolder = "out"\n')
+    with pytest.raises(UserError, match=r"\[params\] for this model: width 66 is not a multiple of 4; use 64 or 68"):
+        list(Batch(load_recipe(recipe)).run())
+    assert not (tmp_path / "out").exists()
+    recipe.write_text('task = "txt2img"\ninputs.prompts = ["x"]\n[params]\nprompt = "y"\n[output]\nfolder = "o"\n')
+    with pytest.raises(UserError, match=r"params.prompt = 'y' is not allowed: .*comes from inputs.prompts"):
+        load_recipe(recipe)

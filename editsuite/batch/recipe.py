@@ -215,10 +215,12 @@ def takes_pictures(task: str) -> bool:
 
 
 def task_parameters(task: str) -> dict[str, Param]:
-    """The parameters a recipe may set for `task`: the task's own definitions, less those given per item."""
+    """The parameters a recipe may set for `task`: the task's own definitions, less those given per item (the
+    seed; the prompt too where the items are prompts)."""
     from editsuite.tasks import TASKS
 
-    return {p.name: p for p in TASKS[task].params if p.name not in NOT_PARAMS}
+    per_item = NOT_PARAMS if takes_pictures(task) else NOT_PARAMS | {"prompt"}
+    return {p.name: p for p in TASKS[task].params if p.name not in per_item}
 
 
 def check_params(label: str, task: str, params: dict) -> dict:
@@ -229,7 +231,9 @@ def check_params(label: str, task: str, params: dict) -> dict:
     allowed = task_parameters(task)
     for key, value in params.items():
         if key not in allowed:
-            extra = " (the seed is set in [seed]; a batch writes one image per item)" if key in NOT_PARAMS else ""
+            extra = {"seed": " (the seed is set in [seed]; a batch writes one image per item)",
+                     "num_images": " (a batch writes one image per item)",
+                     "prompt": " (each item's prompt comes from inputs.prompts)"}.get(key, "")
             _fail(label, f"params.{key}", value, f"{task} takes {', '.join(sorted(allowed))}{extra}")
         p = allowed[key]
         if not p.accepts(value):

@@ -180,6 +180,10 @@ class Batch:
         if not todo:
             return
         task = self._task()
+        try:  # the rules that need the model (sizes: multiples of its VAE factor) fail the recipe once, not each item
+            type(task).validate(self.recipe.params, task.bundle.manifest.vae_scale_factor)
+        except UserError as e:
+            raise UserError(f"{self.recipe.label}: [params] for this model: {e}") from None
         for item in todo:
             if should_stop():
                 return

@@ -83,6 +83,8 @@ class Task:
                 f"{self.name} needs a {allowed} model, but {bundle.manifest.name or 'this model'} is a "
                 f"{bundle.kind.value} model; pass a suitable one with --model"
             )
+        if isinstance(max_output_pixels, bool) or not isinstance(max_output_pixels, int) or max_output_pixels < 1:
+            raise UserError(f"max_output_pixels must be a positive whole number of pixels (got {max_output_pixels!r})")
         self.bundle = bundle
         self.max_output_pixels = max_output_pixels
 
@@ -103,6 +105,9 @@ class Task:
         """Every parameter checked (defaults filled in): the one place the rules run. `factor` is the model's VAE
         factor; None before the model is known (the CLI and recipes check then, the task again when it runs)."""
         checked = P.validate(cls.params, values, factor=factor)
+        seed, n = checked.get("seed"), checked.get("num_images", 1)
+        if seed is not None and seed + n - 1 > P.SEED_LIMIT:  # image i takes seed + i: each must be a valid seed
+            raise UserError(f"seed {seed} with {n} images would pass the largest seed, 2^63-1; use a smaller seed")
         cls.check_together(checked)
         return checked
 

@@ -18,6 +18,8 @@ import numbers
 import random
 from typing import Any, Callable
 
+import numpy as np
+
 from editsuite.errors import UserError
 from editsuite.imaging.output import MAX_SIDE
 
@@ -68,15 +70,17 @@ class Param:
         """The value if its type fits (ints are numbers too), else a UserError naming the type wanted."""
         if value is None and self.optional:
             return None
+        if value is None and self.kind is str:  # no prompt is the empty prompt
+            return ""
         if not self.accepts(value):
             raise UserError(f"{self.spoken} must be {TYPE_NAMES[self.kind]} (got {value!r})")
-        return {float: float, int: int}.get(self.kind, lambda x: x)(value)  # numpy numbers become Python's
+        return {float: float, int: int, bool: bool}.get(self.kind, lambda x: x)(value)  # numpy's become Python's
 
     def accepts(self, value: Any) -> bool:
         """Whether `value` has this parameter's type (an int is a number too; a bool is not)."""
         if value is None:
             return self.optional
-        if isinstance(value, bool):
+        if isinstance(value, (bool, np.bool_)):
             return self.kind is bool
         return {bool: False, int: isinstance(value, numbers.Integral), float: isinstance(value, numbers.Real),
                 str: isinstance(value, str)}[self.kind]
@@ -106,6 +110,8 @@ TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true
 
 
 def _range_message(p: Param, value) -> str:
+    if p.low is None:
+        return f"{p.spoken} must be at most {p.high:g} (got {value})"
     if p.high is None:
         return f"{p.spoken} must be {p.low:g} or more (got {value})" if p.kind is float else \
             f"{p.spoken} must be at least {p.low:g} (got {value})"
@@ -138,7 +144,7 @@ def size_rule(name: str):
         if value > MAX_SIDE:
             raise UserError(f"{name} must be at most {MAX_SIDE} pixels (got {value})")
         if value < (factor or 1):
-            raise UserError(f"{name} must be at least {factor or 1} pixels (got {value})")
+            raise UserError(f"{name} must be at least {factor or 1} pixel{'s' if factor else ''} (got {value})")
         if factor is None:
             return value
         if value % factor:

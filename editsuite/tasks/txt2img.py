@@ -17,7 +17,7 @@ class Txt2Img(Task):
     @classmethod
     def output_size(cls, args: dict, image_size=None) -> tuple[int, int] | None:
         w, h = args.get("width"), args.get("height")
-        return (w or h, h or w) if (w or h) else None  # neither: the model's own size, known once it loads
+        return (w, h) if w and h else None  # a side not given is the model's own, known once it loads
 
     def _run(self, *, v, callback) -> TaskResult:
         # 1. Default size: the model's native resolution
