@@ -1,6 +1,7 @@
 """Time editsuite against diffusers on the same machine, in the same run, on the same model files.
 
     python bench/speed.py [--model sd15|demo] [--size 512] [--steps 20] [--repeat 3] [--dtype auto]
+                          [--load 0 1] [--rounds 3]
 
 Three configurations: diffusers' fp32 default (StableDiffusionPipeline as loaded, SDPA attention),
 diffusers with bf16 weights (its best plain setting on a CPU with bf16), and editsuite with --dtype (auto:
@@ -10,7 +11,10 @@ its fast default). For each, in child processes of its own:
 - `txt2img`: a fresh process that loads the model and makes one --size picture in --steps steps (the
   model's own scheduler, seed 0); its time is the generation call, its peak memory the process's max RSS
   (loading included).
-Ratios are against diffusers fp32 measured in this run. The pictures are saved under build/speed/ and
+--load N runs everything again with N background processes keeping cores busy (a user's machine is rarely
+idle); --rounds R interleaves the configs R times and reports medians with min-max. Ratios are against
+diffusers with bf16 weights (its best plain CPU setting, the fair comparison) and diffusers fp32, measured
+in the same condition of this run. The pictures are saved under build/speed/ and
 compared: PSNR of each against diffusers fp32 (editsuite fp32 equals diffusers fp32 exactly, see
 tests/test_parity.py, so this is what the precision costs). `sd15` is SD 1.5's architecture with random
 weights (nothing can be downloaded here; timing does not need the weights), `demo` the built-in demo model.
@@ -202,6 +206,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", help="editsuite's --dtype")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda compares fp16 (peak = GPU memory)")
     ap.add_argument("--configs", default=None, help="comma-separated subset of " + ", ".join(CONFIGS))
+    ap.add_argument("--load", type=int, nargs="+", default=[0], help="busy background processes, one condition "
+                    "each (e.g. --load 0 1: idle, then one core kept busy)")
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds of every config per condition")
     ap.add_argument("--big-vae", type=int, metavar="SIZE", help="only: editsuite's VAE decode and encode of a "
                     "SIZE x SIZE picture (tiled), time and peak memory")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -220,30 +227,71 @@ def main() -> None:
                else txt2img(args.one, folder, size, args.steps, args.dtype, args.model))
         print(json.dumps(out))
         return
-    rows = {}
-    for config in configs.split(","):
-        common = ["--one", config, "--model", args.model, "--size", str(size), "--steps", str(args.steps),
-                  "--repeat", str(args.repeat), "--dtype", args.dtype, "--device", DEVICE]
-        rows[config] = {**_child(*common, "--what", "micro"), **_child(*common, "--what", "txt2img")}
-        print(config, json.dumps(rows[config]), flush=True)
-    ref = rows.get("diffusers-fp32")
-    outer = rows.get("editsuite", {}).get("unet_outer_level")
+    for load in args.load:
+        rows = _condition(configs.split(","), args, size, load)
+        _report(rows, args, size, load)
+
+
+def _spin(stop) -> None:
+    """A background process keeping one core busy, as a browser, an editor or a second job does."""
+    x = 0
+    while not stop.is_set():
+        for _ in range(100_000):
+            x += 1
+
+
+def _condition(configs: list[str], args, size: int, load: int) -> dict[str, dict[str, list]]:
+    """Every config, `--rounds` times interleaved (micro and txt2img in fresh child processes), with `load`
+    busy processes running throughout; each result's raw JSON is printed as it comes."""
+    import multiprocessing as mp
+
+    stop = mp.Event()
+    spinners = [mp.Process(target=_spin, args=(stop,), daemon=True) for _ in range(load)]
+    for p in spinners:
+        p.start()
+    rows: dict[str, dict[str, list]] = {c: {} for c in configs}
+    try:
+        for r in range(args.rounds):
+            for config in configs:
+                common = ["--one", config, "--model", args.model, "--size", str(size), "--steps", str(args.steps),
+                          "--repeat", str(args.repeat), "--dtype", args.dtype, "--device", DEVICE]
+                got = {**_child(*common, "--what", "micro"), **_child(*common, "--what", "txt2img")}
+                print(f"load {load} round {r + 1} {config}", json.dumps(got), flush=True)
+                for key, value in got.items():
+                    rows[config].setdefault(key, []).append(value)
+    finally:
+        stop.set()
+        for p in spinners:
+            p.join()
+    return rows
+
+
+def _report(rows: dict[str, dict[str, list]], args, size: int, load: int) -> None:
+    """Medians (min-max over the rounds), and ratios against diffusers bf16 (the fair comparison) and fp32."""
+    med = {c: {k: statistics.median(v) if isinstance(v[0], (int, float)) else v[-1] for k, v in r.items()}
+           for c, r in rows.items()}
+    outer = med.get("editsuite", {}).get("unet_outer_level")
     if outer:
         print(f"editsuite --cache-interval: a step between full ones (outer level only) {outer:.3g} s")
     where = "GPU " + _gpu_name() if DEVICE == "cuda" else f"{platform.machine()}, {os.cpu_count()} cores"
-    print(f"\n{where}, torch default threads; model {args.model}, "
-          f"{size}x{size}, txt2img {args.steps} steps; editsuite --dtype {args.dtype}")
-    print(f"| config | UNet step s | VAE encode s | VAE decode s | txt2img s | peak GiB | step x | decode x | "
-          f"txt2img x | memory x | PSNR vs fp32 dB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, r in rows.items():
-        ratios = "| | | |" if ref is None else (
-            f"{ref['unet_step'] / r['unet_step']:.2f} | {ref['vae_decode'] / r['vae_decode']:.2f} | "
-            f"{ref['txt2img'] / r['txt2img']:.2f} | {r['peak_gib'] / ref['peak_gib']:.2f} |")
-        quality = "" if ref is None else f" {psnr(ref['image'], r['image']):.1f} |"
-        print(f"| {name} | {r['unet_step']:.3g} | {r['vae_encode']:.3g} | {r['vae_decode']:.3g} | {r['txt2img']:.3g} | "
-              f"{r['peak_gib']:.2f} | {ratios}{quality}")
-
+    print(f"\n{where}, torch default threads, {load} busy background process(es); model {args.model}, "
+          f"{size}x{size}, txt2img {args.steps} steps; editsuite --dtype {args.dtype}; medians of {args.rounds} "
+          "interleaved round(s) (min-max)")
+    span = lambda c, k: f"{med[c][k]:.3g} ({min(rows[c][k]):.3g}-{max(rows[c][k]):.3g})"  # noqa: E731
+    print("| config | UNet step s | VAE decode s | txt2img s | peak GiB | step / decode / txt2img x bf16 | "
+          "x fp32 | memory x fp32 | PSNR vs fp32 dB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in med:
+        cells = []
+        for ref_name in ("diffusers-bf16", "diffusers-fp32"):
+            ref = med.get(ref_name)
+            cells.append("" if ref is None else " / ".join(
+                f"{ref[k] / med[name][k]:.2f}" for k in ("unet_step", "vae_decode", "txt2img")))
+        ref = med.get("diffusers-fp32")
+        memory = "" if ref is None else f"{med[name]['peak_gib'] / ref['peak_gib']:.2f}"
+        quality = "" if ref is None else f"{psnr(ref['image'], med[name]['image']):.1f}"
+        print(f"| {name} | {span(name, 'unet_step')} | {span(name, 'vae_decode')} | {span(name, 'txt2img')} | "
+              f"{med[name]['peak_gib']:.2f} | {cells[0]} | {cells[1]} | {memory} | {quality} |", flush=True)
 
 if __name__ == "__main__":
     main()
