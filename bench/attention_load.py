@@ -5,7 +5,7 @@ which attention collapses when another process shares the cores?
     python bench/attention_load.py [--load 0 1] [--repeat 7] [--dtype bfloat16]
 
 Variants (all give the same numbers to bf16 rounding; checked against SDPA first):
-- blocked: editsuite's `blocked_attention` today (per batch, head and block of queries: two small matmuls);
+- blocked: editsuite's `blocked_attention` until issue 20 (per batch, head and block of queries: two small matmuls);
 - heads-batched: the same blocks, all heads in one `bmm` per block of queries (8x fewer parallel regions);
 - sdpa: torch's scaled_dot_product_attention on (B, H, S, D), as diffusers' default processor calls it.
 Each condition runs the variants interleaved, `--repeat` rounds, and prints the median and the spread of each,
@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from editsuite.bundle.speed import BLOCK_SCORES, blocked_attention
+from blocked_attention import BLOCK_SCORES, blocked_attention
 
 B, S, C, H = 2, 4096, 320, 8
 

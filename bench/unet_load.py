@@ -21,6 +21,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
+from blocked_attention import use_blocked_attention
+
 from editsuite.bundle import speed
 
 CONFIG = Path(__file__).resolve().parents[1] / "editsuite" / "configs" / "sd-v1" / "unet"
@@ -37,7 +39,7 @@ def set_processor(unet, name: str) -> None:
     if name == "sdpa":
         unet.set_attn_processor(AttnProcessor2_0())
     else:
-        speed.use_blocked_attention(unet)
+        use_blocked_attention(unet)
 
 
 def main() -> None:

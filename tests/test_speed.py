@@ -1,10 +1,10 @@
-"""The fast PyTorch default: blocked attention equals diffusers' attention, the dtype auto picks, the fp16
-VAE guard and tiled VAE for large pictures. (Timing lives in bench/speed.py, not here.)"""
+"""The fast PyTorch default: the dtype auto picks, bf16 weights with a float32 loop, the fp16 VAE guard and
+tiled VAE for large pictures. (Timing lives in bench/speed.py and bench/pieces.py, not here.)"""
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor2_0
 from tiny import save_tiny, tiny_components
 
 import editsuite
@@ -12,43 +12,6 @@ from editsuite import load_bundle
 from editsuite.bundle import speed, torch_backend
 from editsuite.bundle.loader import resolve_dtype
 from editsuite.bundle.torch_backend import TorchBackend
-
-
-def _sdpa(q, k, v, heads):
-    split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731
-    return F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).flatten(2)
-
-
-@pytest.mark.parametrize("batch,length,keys,heads,dim", [(2, 300, 300, 4, 16), (1, 77, 200, 1, 40), (2, 64, 64, 8, 8)])
-def test_blocked_attention_equals_sdpa(monkeypatch, batch, length, keys, heads, dim):
-    monkeypatch.setattr(speed, "BLOCK_SCORES", 64 * keys)  # blocks of 64 queries: the last one is shorter
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(batch, length, heads * dim, generator=g)
-    k, v = (torch.randn(batch, keys, heads * dim, generator=g) for _ in range(2))
-    ref = _sdpa(q, k, v, heads)
-    torch.testing.assert_close(speed.blocked_attention(q, k, v, heads, dim ** -0.5), ref, atol=2e-5, rtol=1e-4)
-    low = speed.blocked_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), heads, dim ** -0.5)
-    assert low.dtype == torch.bfloat16 and (low.float() - ref).abs().max() < 0.05
-
-
-def test_processor_gives_diffusers_output_on_unet_and_vae(monkeypatch):
-    monkeypatch.setattr(speed, "MIN_BLOCKED_KEYS", 1)  # the tiny models' attention is short: block it all
-    calls = []
-    real = speed.blocked_attention
-    monkeypatch.setattr(speed, "blocked_attention", lambda *a: calls.append(a[0].shape) or real(*a))
-    c = tiny_components()
-    unet, vae = c["unet"].eval(), c["vae"].eval()
-    g = torch.Generator().manual_seed(1)
-    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
-    z = torch.randn(1, 4, 8, 8, generator=g)
-    with torch.no_grad():
-        ref_unet, ref_vae = unet(x, 10, encoder_hidden_states=ctx).sample, vae.decode(z).sample
-        speed.use_blocked_attention(unet)
-        speed.use_blocked_attention(vae)
-        out_unet, out_vae = unet(x, 10, encoder_hidden_states=ctx).sample, vae.decode(z).sample
-    assert len(calls) >= 3  # UNet self-attention (down and up) and the VAE's mid-block attention
-    torch.testing.assert_close(out_unet, ref_unet, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(out_vae, ref_vae, atol=1e-5, rtol=1e-4)
 
 
 def test_auto_dtype():
@@ -63,8 +26,9 @@ def test_low_precision_bundle_keeps_the_loop_in_float32(tmp_path):
     fast, exact = load_bundle(folder, device="cpu", dtype="bfloat16"), load_bundle(folder, device="cpu", dtype="float32")
     assert (fast.dtype, fast.compute_dtype) == (torch.float32, torch.bfloat16)
     assert next(fast.backend.unet_model.parameters()).dtype == torch.bfloat16
+    # diffusers' own SDPA processor (the blocked attention of old lost to it, bench/pieces.py)
     assert isinstance(fast.backend.unet_model.down_blocks[0].attentions[0].transformer_blocks[0].attn1.processor,
-                      speed.BlockedAttention)
+                      AttnProcessor2_0)
     x = torch.randn(2, 4, 8, 8)
     assert fast.backend.unet(x, torch.tensor(10), torch.randn(2, 77, 32)).dtype == torch.float32
     a = editsuite.Txt2Img(fast).run("a red circle", steps=4, width=64, height=64, seed=3)

@@ -3,11 +3,13 @@
 - `fast_dtype`: bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX), float16 on GPUs,
   float32 elsewhere. bf16 has fp32's range, so nothing overflows on a CPU; fp16 can (see the VAE guard in
   torch_backend).
-- `BlockedAttention`: an attention processor for long self-attention on CPUs. PyTorch's CPU flash-attention
-  kernel runs SD's 4096-token, 40-wide heads at about a third of the machine's bf16 matmul speed; plain
-  matmuls over one head and a block of queries at a time, with the block's scores kept in cache, are
-  25-45 % faster there (and equal on short or cross-attention, where it hands over to diffusers' own
-  processor). diffusers has no such processor for CPUs; it is written here for that reason.
+- attention: diffusers' own SDPA processor. A blocked attention written here (one head and block of queries
+  at a time) was the default until issue 20: warm and interleaved it is slower than SDPA both idle and with
+  a core shared, where its thousands of small parallel regions collapse (bench/pieces.py; the code now
+  lives in bench/blocked_attention.py for that comparison).
+- `pack_convolutions`: torch hands oneDNN a conv's weights in PyTorch's layout at every call, and oneDNN
+  reorders them into its blocked layout each time (about 0.3 s of an SD 1.5 UNet step, seen with
+  ONEDNN_VERBOSE=1). Laid out once at load, the same kernels run on them; the output is bit for bit the same.
 - `keep_freed_memory`: glibc returns every large freed block to the kernel, so each UNet step pays about
   140 000 page faults (0.5 GB zeroed by the kernel) to get it back; keeping freed memory for reuse saves
   about 5 % of a step. The kept memory is handed back before the VAE runs (`release_freed_memory`), and
@@ -21,12 +23,6 @@ import ctypes
 import sys
 
 import torch
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
-
-# Below this many keys diffusers' SDPA processor is as fast (cross-attention has 77).
-MIN_BLOCKED_KEYS = 1024
-# Scores of one block of queries: 2**21 entries (4 MiB in bf16, 8 in fp32) keep the block in L2/L3.
-BLOCK_SCORES = 1 << 21
 
 
 def cpu_has_bf16() -> bool:
@@ -44,62 +40,38 @@ def fast_dtype(device: torch.device) -> torch.dtype:
     return torch.float16
 
 
-def blocked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int,
-                      scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale) v per head, in blocks of queries. (B, S, H*D) x (B, Skv, H*D) -> (B, S, H*D).
+class PackedConv2d(torch.nn.Module):
+    """A zero-padded Conv2d whose weights oneDNN laid out once, for inference on a CPU. torch has no eager
+    module for this: torch.utils.mkldnn's converted modules take and return oneDNN tensors, as TorchScript,
+    so this one converts its input and output itself (two cheap activation copies against a weight reorder).
+    The original weights are dropped with the original module, so memory does not grow."""
 
-    Heads stay interleaved in the channel axis as the projections wrote them (strided views, no copies)."""
-    batch, length, channels = query.shape
-    dim = channels // heads
-    block = max(64, BLOCK_SCORES // key.shape[1])
-    out = torch.empty_like(query)
-    query = query * scale
-    for b in range(batch):
-        for h in range(heads):
-            cols = slice(h * dim, (h + 1) * dim)
-            keys_t, values_t = key[b, :, cols].t(), value[b, :, cols].t().contiguous()
-            for start in range(0, length, block):
-                weights = torch.softmax(torch.mm(query[b, start:start + block, cols], keys_t), dim=-1)
-                # (v^T w^T)^T: oneDNN runs a 40-row product faster than a 40-column one (measured 28 %)
-                out[b, start:start + block, cols] = torch.mm(values_t, weights.t()).t()
-    return out
+    def __init__(self, conv: torch.nn.Conv2d):
+        super().__init__()
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        w = conv.weight.detach()
+        self.packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), self.padding, self.stride,
+                                                                 self.dilation, self.groups)
+        self.bias = None if conv.bias is None else conv.bias.detach().to_mkldnn()
+        self.dtype = w.dtype
 
-
-class BlockedAttention(AttnProcessor2_0):
-    """diffusers' SDPA processor, but long self-attention without a mask runs `blocked_attention`."""
-
-    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 temb=None, *args, **kwargs):
-        if (encoder_hidden_states is not None or attention_mask is not None or attn.spatial_norm is not None
-                or attn.norm_q is not None or attn.norm_k is not None or hidden_states.device.type != "cpu"
-                or _tokens(hidden_states) < MIN_BLOCKED_KEYS):
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        residual = hidden_states
-        image = hidden_states.ndim == 4
-        if image:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        out = blocked_attention(attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states),
-                                attn.heads, attn.scale)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if image:
-            out = out.transpose(1, 2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.mkldnn_convolution(x.contiguous().to_mkldnn(), self.packed, self.bias, self.padding,
+                                       self.stride, self.dilation, self.groups)
+        return out.to_dense()
 
 
-def _tokens(hidden_states: torch.Tensor) -> int:
-    return hidden_states.shape[2] * hidden_states.shape[3] if hidden_states.ndim == 4 else hidden_states.shape[1]
-
-
-def use_blocked_attention(module: torch.nn.Module) -> None:
-    """Give every diffusers `Attention` inside `module` the blocked processor."""
-    for m in module.modules():
-        if isinstance(m, Attention):
-            m.set_processor(BlockedAttention())
+def pack_convolutions(module: torch.nn.Module) -> int:
+    """Swap every zero-padded Conv2d inside `module` (CPU, inference, weights in bf16 or fp32) for a
+    `PackedConv2d`. Returns how many were swapped."""
+    swaps = [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()
+             if type(child) is torch.nn.Conv2d and child.padding_mode == "zeros"
+             and not isinstance(child.padding, str) and child.weight.device.type == "cpu"]
+    for parent, name, conv in swaps:
+        setattr(parent, name, PackedConv2d(conv))
+    return len(swaps)
 
 
 _libc = None  # set once keep_freed_memory has tuned glibc

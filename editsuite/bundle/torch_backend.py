@@ -47,10 +47,9 @@ class TorchBackend(ModelBackend):
         self.compute_dtype = self.vae_dtype = dtype
         self.text_encoder, self.unet_model, self.vae = (_place(m, self.device, dtype) for m in (text_encoder, unet, vae))
         self.notice: str | None = None  # set when the VAE had to fall back to float32
-        if self.device.type == "cpu" and dtype == torch.bfloat16:  # the fast CPU default (bench/speed.py)
+        if self.device.type == "cpu" and dtype == torch.bfloat16:  # the fast CPU default (bench/pieces.py)
             speed.keep_freed_memory()
-            speed.use_blocked_attention(self.unet_model)
-            speed.use_blocked_attention(self.vae)
+            speed.pack_convolutions(self.unet_model)
             # oneDNN's bf16 convolutions take NHWC as it is; NCHW is copied to a blocked layout and back at
             # every conv, which at 512x512 costs the VAE decode time and ~0.15 GiB of peak memory
             self.vae.to(memory_format=torch.channels_last)
