@@ -21,6 +21,24 @@ def test_auto_dtype():
     assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
 
 
+@pytest.mark.parametrize("kind", ["base", "inpainting", "upscaler"])
+def test_packed_convolutions_give_the_same_numbers(kind):
+    """Convolution weights laid out for oneDNN once give exactly the unpacked UNet's output, in bf16 and fp32."""
+    for dtype in (torch.bfloat16, torch.float32):
+        unet = tiny_components(kind)["unet"].to(dtype).eval()
+        cfg = unet.config
+        g = torch.Generator().manual_seed(6)
+        x = torch.randn(2, cfg.in_channels, 8, 8, generator=g).to(dtype)
+        ctx = torch.randn(2, 77, cfg.cross_attention_dim, generator=g).to(dtype)
+        labels = torch.tensor([20, 20]) if kind == "upscaler" else None
+        with torch.inference_mode():
+            expect = unet(x, 10, encoder_hidden_states=ctx, class_labels=labels).sample
+            convs = sum(type(m) is torch.nn.Conv2d for m in unet.modules())
+            assert speed.pack_convolutions(unet) == convs > 0
+            assert not any(type(m) is torch.nn.Conv2d for m in unet.modules())
+            assert torch.equal(unet(x, 10, encoder_hidden_states=ctx, class_labels=labels).sample, expect)
+
+
 def test_low_precision_bundle_keeps_the_loop_in_float32(tmp_path):
     folder = save_tiny(tmp_path / "m")
     fast, exact = load_bundle(folder, device="cpu", dtype="bfloat16"), load_bundle(folder, device="cpu", dtype="float32")
@@ -29,6 +47,8 @@ def test_low_precision_bundle_keeps_the_loop_in_float32(tmp_path):
     # diffusers' own SDPA processor (the blocked attention of old lost to it, bench/pieces.py)
     assert isinstance(fast.backend.unet_model.down_blocks[0].attentions[0].transformer_blocks[0].attn1.processor,
                       AttnProcessor2_0)
+    assert isinstance(fast.backend.unet_model.conv_in, speed.PackedConv2d)  # weights laid out once
+    assert isinstance(exact.backend.unet_model.conv_in, torch.nn.Conv2d)  # float32: diffusers' modules as they are
     x = torch.randn(2, 4, 8, 8)
     assert fast.backend.unet(x, torch.tensor(10), torch.randn(2, 77, 32)).dtype == torch.float32
     a = editsuite.Txt2Img(fast).run("a red circle", steps=4, width=64, height=64, seed=3)

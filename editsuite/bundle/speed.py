@@ -65,13 +65,16 @@ class PackedConv2d(torch.nn.Module):
 
 def pack_convolutions(module: torch.nn.Module) -> int:
     """Swap every zero-padded Conv2d inside `module` (CPU, inference, weights in bf16 or fp32) for a
-    `PackedConv2d`. Returns how many were swapped."""
-    swaps = [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()
+    `PackedConv2d`. Returns how many were swapped. One at a time, each original freed (and handed back to
+    the system when glibc keeps freed memory) before the next is packed: the peak stays that of the module
+    (measured: 2.65 GiB for an SD 1.5 bundle in bf16 either way; holding the originals to the end, 3.87)."""
+    where = [(parent, name) for parent in module.modules() for name, child in parent.named_children()
              if type(child) is torch.nn.Conv2d and child.padding_mode == "zeros"
              and not isinstance(child.padding, str) and child.weight.device.type == "cpu"]
-    for parent, name, conv in swaps:
-        setattr(parent, name, PackedConv2d(conv))
-    return len(swaps)
+    for parent, name in where:
+        setattr(parent, name, PackedConv2d(getattr(parent, name)))
+        release_freed_memory()
+    return len(where)
 
 
 _libc = None  # set once keep_freed_memory has tuned glibc
