@@ -9,6 +9,9 @@ Stability checkpoints:
     cond_stage_model.transformer.*    SD 1.x text encoder (transformers CLIPTextModel, `text_model.` level)
     cond_stage_model.model.*          SD 2.x text encoder (OpenCLIP: resblocks, fused in_proj, 24 layers of
                                       which SD uses 23, plus an unused text_projection)
+    conditioner.embedders.0.transformer.*  SDXL's first text encoder (transformers CLIPTextModel)
+    conditioner.embedders.1.model.*   SDXL's second (OpenCLIP bigG, every layer, text_projection used)
+    model.diffusion_model.label_emb.0.{0,2}.*  SDXL's added-conditioning MLP (diffusers' add_embedding)
 
 Works on tensors of any device, including `meta` (to check key layouts at full size without allocating).
 """
@@ -21,6 +24,8 @@ UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 CLIP = "cond_stage_model.transformer."
 OPEN_CLIP = "cond_stage_model.model."
+XL_CLIP = "conditioner.embedders.0.transformer."
+XL_OPEN_CLIP = "conditioner.embedders.1.model."
 
 _RESNET = (
     ("norm1", "in_layers.0"),
@@ -51,6 +56,8 @@ def unet_to_ldm(state_dict: dict, config) -> dict:
         "conv_in": "input_blocks.0.0",
         "conv_norm_out": "out.0",
         "conv_out": "out.2",
+        "add_embedding.linear_1": "label_emb.0.0",
+        "add_embedding.linear_2": "label_emb.0.2",
     }
     for key, value in state_dict.items():
         parts = key.split(".")
@@ -159,20 +166,25 @@ def clip_to_ldm(state_dict: dict) -> dict:
     return {f"{CLIP}text_model.{k}": v for k, v in _flat_clip(state_dict).items()}
 
 
-def open_clip_to_ldm(state_dict: dict, *, extra_layer: bool = True, projection_dim: int | None = None) -> dict:
+def open_clip_to_ldm(state_dict: dict, *, extra_layer: bool = True, projection_dim: int | None = None,
+                     prefix: str = OPEN_CLIP) -> dict:
     """SD 2.x: CLIPTextModel state dict -> OpenCLIP `cond_stage_model.model.*` keys.
 
     Like real SD 2.x files, adds (when `extra_layer`) one more resblock than the text encoder config has
     (SD 2 conditions on OpenCLIP's penultimate layer) and the unused `text_projection`; both must be ignored.
+    A CLIPTextModelWithProjection's own projection (SDXL) is written as OpenCLIP's `text_projection`, the
+    transposed Linear weight.
     """
+    pre = prefix
     sd = _flat_clip(state_dict)
+    projection = sd.pop("text_projection.weight", None)
     out = {
-        OPEN_CLIP + "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
-        OPEN_CLIP + "positional_embedding": sd.pop("embeddings.position_embedding.weight"),
-        OPEN_CLIP + "ln_final.weight": sd.pop("final_layer_norm.weight"),
-        OPEN_CLIP + "ln_final.bias": sd.pop("final_layer_norm.bias"),
+        pre + "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
+        pre + "positional_embedding": sd.pop("embeddings.position_embedding.weight"),
+        pre + "ln_final.weight": sd.pop("final_layer_norm.weight"),
+        pre + "ln_final.bias": sd.pop("final_layer_norm.bias"),
     }
-    width = out[OPEN_CLIP + "token_embedding.weight"].shape[-1]
+    width = out[pre + "token_embedding.weight"].shape[-1]
     layers = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers.")})
     names = {
         "self_attn.out_proj": "attn.out_proj",
@@ -183,7 +195,7 @@ def open_clip_to_ldm(state_dict: dict, *, extra_layer: bool = True, projection_d
     }
     for i in layers:
         src = f"encoder.layers.{i}."
-        dst = f"{OPEN_CLIP}transformer.resblocks.{i}."
+        dst = f"{pre}transformer.resblocks.{i}."
         for kind in ("weight", "bias"):
             out[f"{dst}attn.in_proj_{kind}"] = torch.cat(
                 [sd.pop(f"{src}self_attn.{p}_proj.{kind}") for p in ("q", "k", "v")], dim=0
@@ -191,9 +203,11 @@ def open_clip_to_ldm(state_dict: dict, *, extra_layer: bool = True, projection_d
             for new, old in names.items():
                 out[f"{dst}{old}.{kind}"] = sd.pop(f"{src}{new}.{kind}")
     assert not sd, f"unconverted text encoder keys: {sorted(sd)[:5]}"
+    if projection is not None:
+        out[pre + "text_projection"] = projection.t()
     if extra_layer:
         gen = torch.Generator().manual_seed(1)
-        ref = out[OPEN_CLIP + "token_embedding.weight"]
+        ref = out[pre + "token_embedding.weight"]
 
         def fresh(shape):
             if ref.is_meta:
@@ -201,10 +215,21 @@ def open_clip_to_ldm(state_dict: dict, *, extra_layer: bool = True, projection_d
             return torch.randn(shape, generator=gen).to(ref.dtype)
 
         last = layers[-1]
-        for k in [k for k in out if k.startswith(f"{OPEN_CLIP}transformer.resblocks.{last}.")]:
+        for k in [k for k in out if k.startswith(f"{pre}transformer.resblocks.{last}.")]:
             out[k.replace(f"resblocks.{last}.", f"resblocks.{last + 1}.")] = fresh(out[k].shape)
-        out[OPEN_CLIP + "text_projection"] = fresh((width, projection_dim or width))
+        out[pre + "text_projection"] = fresh((width, projection_dim or width))
     return out
+
+
+def to_ldm_xl_checkpoint(unet, vae, text_encoder, text_encoder_2) -> dict:
+    """Full original-layout SDXL base state dict, as Stability's sd_xl_base_1.0.safetensors lays it out."""
+    sd = {}
+    sd.update(unet_to_ldm(unet.state_dict(), unet.config))
+    sd.update(vae_to_ldm(vae.state_dict(), vae.config))
+    sd.update({f"{XL_CLIP}text_model.{k}": v for k, v in _flat_clip(text_encoder.state_dict()).items()})
+    sd.update(open_clip_to_ldm(text_encoder_2.state_dict(), extra_layer=False, prefix=XL_OPEN_CLIP))
+    sd[XL_OPEN_CLIP + "logit_scale"] = torch.tensor(4.6052)  # in real files; unused
+    return {k: (v.contiguous() if not v.is_meta else v) for k, v in sd.items()}
 
 
 def to_ldm_checkpoint(unet, vae, text_encoder, *, open_clip: bool = False, extras: bool = True) -> dict:

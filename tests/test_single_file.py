@@ -299,15 +299,19 @@ def _sdxl_like() -> dict:
     }
 
 
-def test_sdxl_is_refused_by_name(tmp_path):
+def test_partial_and_unsupported_sdxl_files_are_refused(tmp_path):
     path = tmp_path / "model.safetensors"
-    save_file(_sdxl_like(), str(path))
-    with pytest.raises(UserError, match=r"Stable Diffusion XL checkpoint \(xl_base\), which is not supported"):
+    save_file(_sdxl_like(), str(path))  # SDXL keys, but neither text encoder whole
+    with pytest.raises(UserError, match=r"SDXL text encoder weights .* but not conditioner.embedders.0"):
         load_single_file(path)
     inpaint = _sdxl_like()
     inpaint["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(320, 9, 3, 3)
     with pytest.raises(UserError, match="Stable Diffusion XL inpainting"):
         detect_model_type(inpaint)
+    refiner = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(384, 4, 3, 3),
+               "conditioner.embedders.0.model.token_embedding.weight": torch.zeros(49408, 1280)}
+    with pytest.raises(UserError, match="Stable Diffusion XL refiner"):
+        detect_model_type(refiner)
 
 
 def test_other_families_and_partial_files_are_refused(tiny):

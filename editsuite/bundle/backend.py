@@ -22,9 +22,14 @@ class ModelBackend(Protocol):
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids (B, 77) -> hidden states (B, 77, D)."""
 
+    def encode_text_xl(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL: token ids of both tokenizers (B, 77) each -> both encoders' penultimate hidden states side by
+        side (B, 77, D1+D2) and the second encoder's pooled, projected embedding (B, P)."""
+
     def unet(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
-             class_labels: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        """(B, C_in, h, w) -> prediction (B, 4, h, w); `cache` from `feature_cache` when skipping steps."""
+             class_labels: torch.Tensor | None = None, cache=None, added: dict | None = None) -> torch.Tensor:
+        """(B, C_in, h, w) -> prediction (B, 4, h, w); `cache` from `feature_cache` when skipping steps;
+        `added`: SDXL's extra conditioning, "text_embeds" (B, P) and "time_ids" (B, 6)."""
 
     def vae_encode(self, image: torch.Tensor) -> torch.Tensor:
         """Pixels (B, 3, H, W) in [-1, 1] -> moments (B, 2*4, h, w) (mean, logvar)."""

@@ -151,7 +151,10 @@ class CoreMLBackend(ModelBackend):
     def feature_cache(self) -> None:
         return None  # a converted UNet runs whole: no deep features to reuse
 
-    def unet(self, sample, timestep, context, class_labels=None, cache=None) -> torch.Tensor:
+    def encode_text_xl(self, input_ids, input_ids_2):
+        raise UserError("SDXL runs on the PyTorch backend so far")  # bundles with TextEncoder2 are refused at load
+
+    def unet(self, sample, timestep, context, class_labels=None, cache=None, added=None) -> torch.Tensor:
         n = sample.shape[0]
         self._check_pixels(sample.shape[2] * self.vae_factor, sample.shape[3] * self.vae_factor)
         t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)
@@ -262,7 +265,7 @@ def load_coreml_bundle(folder: str | Path, *, compute_units: str = "all", config
     from diffusers import DDPMScheduler
 
     from editsuite.bundle.loader import ModelBundle, file_hash
-    from editsuite.bundle.manifest import Manifest, ModelKind, manifest_from_configs
+    from editsuite.bundle.manifest import Family, Manifest, ModelKind, manifest_from_configs
 
     if compute_units not in COMPUTE_UNITS:
         raise UserError(f"unknown compute units {compute_units!r}; use one of: {', '.join(COMPUTE_UNITS)}")
@@ -275,6 +278,9 @@ def load_coreml_bundle(folder: str | Path, *, compute_units: str = "all", config
         raise UserError(f"{root} holds no Core ML models named as Apple's tools name them "
                         "(Stable_Diffusion_version_*_unet.mlpackage, or Unet.mlmodelc); make a bundle with "
                         "`editsuite convert MODEL -o OUT`")
+    if "text_encoder_2" in models.paths:
+        raise UserError(f"{models.folder} is an SDXL Core ML bundle (it has TextEncoder2); editsuite runs SDXL on "
+                        "the PyTorch backend so far: pass the diffusers folder or .safetensors file it came from")
     use = on_macos() if use_coreml is None else use_coreml
     if models.compiled and not use and runtime is None:
         raise UserError(f"{models.folder} holds compiled Core ML models (.mlmodelc), which run only on macOS; "
@@ -297,6 +303,7 @@ def load_coreml_bundle(folder: str | Path, *, compute_units: str = "all", config
     if data is not None:  # editsuite's conversion: the identity recorded from the source model
         fields = dict(data["model"])
         fields["kind"] = ModelKind(fields["kind"])
+        fields["family"] = Family(fields.get("family", Family.SD.value))
         manifest = Manifest(**fields)
         if pred:
             manifest = dataclasses.replace(manifest, prediction_type=pred)

@@ -204,6 +204,8 @@ _MODEL_FIELDS = {  # editsuite's manifest "model": field -> (types, required)
     "prediction_type": (str, True), "scaling_factor": ((int, float), True), "vae_scale_factor": (int, True),
     "native_resolution": (int, True), "cross_attention_dim": (int, True), "scheduler": (str, True),
     "name": (str, False), "model_hash": (str, False), "source": (str, False), "max_noise_level": ((int, type(None)), False),
+    "family": (str, False), "force_zeros_for_empty_prompt": (bool, False), "vae": (str, False),
+    "requires_aesthetics_score": (bool, False),
 }
 
 
@@ -236,10 +238,12 @@ def check_manifest(data: dict, root: Path, *, complete: bool = True) -> dict:
             if required:
                 bad(f"model.{key} is missing")
             continue
-        if not isinstance(model[key], types) or isinstance(model[key], bool):
+        if not isinstance(model[key], types) or (isinstance(model[key], bool) and types is not bool):
             bad(f"model.{key} has the wrong type ({type(model[key]).__name__})")
     if model["kind"] not in ("base", "inpainting", "x4-upscaler"):
         bad(f"model.kind {model['kind']!r} is not base, inpainting or x4-upscaler")
+    if model.get("family", "sd") not in ("sd", "sdxl"):
+        bad(f"model.family {model['family']!r} is not sd or sdxl")
     if model["prediction_type"] not in ("epsilon", "v_prediction"):
         bad(f"model.prediction_type {model['prediction_type']!r} is not epsilon or v_prediction")
     if not (math.isfinite(model["scaling_factor"]) and 0 < model["scaling_factor"] < 100):

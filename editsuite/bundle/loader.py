@@ -36,6 +36,7 @@ class ModelBundle:
     weights_path: Path | None = None  # file hashed for the "Model hash" shown in PNG metadata
     notice: str | None = None  # a line the CLI shows once (e.g. the Core ML backend running off macOS)
     cache_interval: int = 1  # > 1: run the whole UNet every N-th step only (DeepCache); changes the picture
+    tokenizer_2: Any = None  # SDXL: the second text encoder's tokenizer (OpenCLIP's, padding with "!")
 
     @property
     def kind(self) -> ModelKind:
@@ -70,6 +71,10 @@ class ModelBundle:
         text_encoder,
         tokenizer,
         scheduler,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        force_zeros_for_empty_prompt: bool = True,
+        requires_aesthetics_score: bool = False,
         low_res_scheduler=None,
         max_noise_level: int | None = None,
         device: str = "cpu",
@@ -84,6 +89,9 @@ class ModelBundle:
             unet, vae, text_encoder, tokenizer, {**scheduler.config, "_class_name": type(scheduler).__name__},
             low_res_scheduler, max_noise_level,
             dev, resolve_dtype(dtype, dev), name=name, source=source, weights_path=weights_path,
+            text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+            requires_aesthetics_score=requires_aesthetics_score,
         )
 
 
@@ -137,6 +145,7 @@ def load_bundle(
     compute_units: str = "all",
     prediction_type: str | None = None,
     modules: frozenset[str] | None = None,
+    vae: str | os.PathLike | None = None,
 ) -> ModelBundle:
     """Load a model from a diffusers folder, a single-file checkpoint, a Core ML bundle or a hub id.
 
@@ -145,7 +154,8 @@ def load_bundle(
     type, latent scale, tokenizer). `prediction_type` (epsilon or v_prediction) overrides the model's.
     `compute_units` picks where Core ML runs a Core ML bundle on macOS. `modules` (a set of text_encoder, unet,
     vae) loads only those weights from a diffusers folder; the others are built empty from their configs, for
-    tools that need one module (`convert` holds only the module it converts).
+    tools that need one module (`convert` holds only the module it converts). `vae` replaces the model's VAE
+    (a VAE folder or weights file, see editsuite.bundle.vae).
     """
     from editsuite.bundle.coreml_layout import is_coreml_folder
 
@@ -157,6 +167,9 @@ def load_bundle(
     if is_coreml_folder(path):
         if backend == "torch":
             raise UserError(f"{path} is a Core ML bundle; load it with --backend coreml or auto")
+        if vae is not None:
+            raise UserError("--vae replaces a PyTorch model's VAE; a Core ML bundle holds its own (convert the model "
+                            "with the VAE you want)")
         from editsuite.bundle.coreml_backend import load_coreml_bundle  # optional extra
 
         return load_coreml_bundle(path, compute_units=compute_units, config=config, prediction_type=prediction_type)
@@ -164,13 +177,13 @@ def load_bundle(
         raise UserError(f"{path} is not a Core ML bundle; make one with `editsuite convert {path} -o OUT`")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    other_vae = dict(vae_source=vae, allow_pickle=allow_pickle)
     if path.is_dir():
-        bundle = _load_diffusers(path, str(path), dev, dt, local=True, modules=modules, allow_pickle=allow_pickle)
+        bundle = _load_diffusers(path, str(path), dev, dt, local=True, modules=modules, **other_vae)
     elif path.is_file():
-        bundle = _load_single_file(path, dev, dt, allow_pickle=allow_pickle, config=config)
+        bundle = _load_single_file(path, dev, dt, config=config, **other_vae)
     elif _looks_like_hub_id(str(source)) and not path.suffix:
-        bundle = _load_diffusers(str(source), str(source), dev, dt, local=False, modules=modules,
-                                 allow_pickle=allow_pickle)
+        bundle = _load_diffusers(str(source), str(source), dev, dt, local=False, modules=modules, **other_vae)
     else:
         raise UserError(f"model {source} not found; pass a diffusers folder, a .safetensors file or a hub id")
     if prediction_type is not None:
@@ -201,9 +214,9 @@ def _refuse_pickles(location: Path, allow_pickle: bool) -> None:
 
 
 def _load_diffusers(location, source: str, device, dtype, *, local: bool, modules=None,
-                    allow_pickle: bool = False) -> ModelBundle:
+                    allow_pickle: bool = False, vae_source=None) -> ModelBundle:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     if local:
         index_path = Path(location) / "model_index.json"
@@ -216,12 +229,21 @@ def _load_diffusers(location, source: str, device, dtype, *, local: bool, module
             index = json.loads(index_path.read_text())
         except (OSError, ValueError) as e:
             raise UserError(f"{index_path} cannot be read as JSON ({e})") from None
-        missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if c not in index]
+        if not isinstance(index, dict):
+            raise UserError(f"{index_path} is not a model index (a JSON object)")
+        absent = lambda c: index.get(c) in (None, [None, None])  # noqa: E731 (a refiner lists its missing parts as null)
+        # SDXL's refiner has the second text encoder only
+        needed = ("text_encoder_2", "tokenizer_2") if not absent("text_encoder_2") and absent("text_encoder") \
+            else ("text_encoder", "tokenizer")
+        missing = [c for c in ("unet", "vae", *needed, "scheduler") if absent(c)]
         if missing:
             raise UserError(
                 f"{location} is not a Stable Diffusion model folder: model_index.json has no {', '.join(missing)}"
             )
         _refuse_pickles(Path(location), allow_pickle)
+    else:
+        index = {}
+        absent = lambda c: False  # noqa: E731
     kw = dict(local_files_only=local or os.environ.get("HF_HUB_OFFLINE") == "1")
     try:
         wanted = {"text_encoder", "unet", "vae"} if modules is None else set(modules)
@@ -231,9 +253,17 @@ def _load_diffusers(location, source: str, device, dtype, *, local: bool, module
         vae = _empty(AutoencoderKL, location, "vae", kw) if "vae" not in wanted else \
             _low_memory(AutoencoderKL, location, "vae", dtype, local) or \
             AutoencoderKL.from_pretrained(location, subfolder="vae", torch_dtype=dtype, **kw)
-        text_encoder = _empty(CLIPTextModel, location, "text_encoder", kw) if "text_encoder" not in wanted else \
-            CLIPTextModel.from_pretrained(location, subfolder="text_encoder", dtype=dtype, **kw)
-        tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **kw)
+        text_encoder = tokenizer = None
+        if not absent("text_encoder") or not local:
+            text_encoder = _empty(CLIPTextModel, location, "text_encoder", kw) if "text_encoder" not in wanted else \
+                CLIPTextModel.from_pretrained(location, subfolder="text_encoder", dtype=dtype, **kw)
+            tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **kw)
+        text_encoder_2 = tokenizer_2 = None
+        if not absent("text_encoder_2"):  # SDXL (a hub id is read as SD 1.x/2.x)
+            text_encoder_2 = _empty(CLIPTextModelWithProjection, location, "text_encoder_2", kw) \
+                if "text_encoder" not in wanted else \
+                CLIPTextModelWithProjection.from_pretrained(location, subfolder="text_encoder_2", dtype=dtype, **kw)
+            tokenizer_2 = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer_2", **kw)
         scheduler_config = _scheduler_config(location, "scheduler", kw)
         low_res = None
         max_noise_level = None
@@ -256,18 +286,22 @@ def _load_diffusers(location, source: str, device, dtype, *, local: bool, module
         cands = sorted((Path(location) / "unet").glob("*.safetensors")) + sorted((Path(location) / "unet").glob("*.bin"))
         weights = cands[0] if cands else None
     bundle = _assemble(unet, vae, text_encoder, tokenizer, scheduler_config, low_res, max_noise_level, device, dtype,
-                       name=Path(str(location)).name, source=source, weights_path=weights)
+                       name=Path(str(location)).name, source=source, weights_path=weights,
+                       text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+                       force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True),
+                       requires_aesthetics_score=index.get("requires_aesthetics_score", False),
+                       vae_source=vae_source, allow_pickle=allow_pickle)
     return bundle
 
 
 def _empty(cls, location, subfolder: str, kw):
     """The module built from its config alone, its weights on the meta device: no memory, no reading."""
     import accelerate
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with accelerate.init_empty_weights():
-        if cls is CLIPTextModel:
-            return CLIPTextModel(CLIPTextConfig.from_pretrained(location, subfolder=subfolder, **kw))
+        if cls in (CLIPTextModel, CLIPTextModelWithProjection):
+            return cls(CLIPTextConfig.from_pretrained(location, subfolder=subfolder, **kw))
         return cls.from_config(cls.load_config(location, subfolder=subfolder, **kw))
 
 
@@ -317,23 +351,41 @@ def _scheduler_config(location, subfolder, kw) -> dict:
     return dict(DDIMScheduler.load_config(location, subfolder=subfolder, **kw))
 
 
-def _load_single_file(path: Path, device, dtype, *, allow_pickle: bool, config) -> ModelBundle:
+def _load_single_file(path: Path, device, dtype, *, allow_pickle: bool, config, vae_source=None) -> ModelBundle:
     from editsuite.bundle.single_file import load_single_file
 
     parts = load_single_file(path, allow_pickle=allow_pickle, config=config, torch_dtype=dtype)
     return _assemble(
-        parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"], dict(parts["scheduler"].config),
+        parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"],
+        {**parts["scheduler"].config, "_class_name": type(parts["scheduler"]).__name__},
         None, None, device, dtype, name=path.stem, source=str(path), weights_path=path,
+        text_encoder_2=parts.get("text_encoder_2"), tokenizer_2=parts.get("tokenizer_2"),
+        vae_source=vae_source, allow_pickle=allow_pickle,
     )
 
 
 def _assemble(unet, vae, text_encoder, tokenizer, scheduler_config, low_res, max_noise_level, device, dtype, *,
-              name, source, weights_path) -> ModelBundle:
+              name, source, weights_path, text_encoder_2=None, tokenizer_2=None,
+              force_zeros_for_empty_prompt: bool = True, requires_aesthetics_score: bool = False, vae_source=None,
+              allow_pickle: bool = False) -> ModelBundle:
     from editsuite.bundle.torch_backend import TorchBackend
 
+    if vae_source is not None:
+        from editsuite.bundle.vae import load_vae, vae_name
+
+        vae = load_vae(vae_source, vae.config, dtype, allow_pickle=allow_pickle)
     manifest = manifest_from_configs(
-        unet.config, vae.config, scheduler_config, name=name, source=source, max_noise_level=max_noise_level
+        unet.config, vae.config, scheduler_config, name=name, source=source, max_noise_level=max_noise_level,
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+        vae=vae_name(vae_source) if vae_source is not None else "",
+        requires_aesthetics_score=requires_aesthetics_score,
     )
+    if manifest.xl and (text_encoder_2 is None or tokenizer_2 is None):
+        raise UserError(f"{source or name} has an SDXL UNet but no second text encoder and tokenizer "
+                        "(text_encoder_2/, tokenizer_2/); pass the whole SDXL model folder")
+    if (text_encoder is None or tokenizer is None) and not manifest.refiner:
+        raise UserError(f"{source or name} has no text encoder and tokenizer (text_encoder/, tokenizer/); pass the "
+                        "whole model folder")
     if manifest.kind is ModelKind.UPSCALER and low_res is None:
         from diffusers import DDPMScheduler
 
@@ -343,8 +395,9 @@ def _assemble(unet, vae, text_encoder, tokenizer, scheduler_config, low_res, max
     return ModelBundle(
         manifest=manifest,
         tokenizer=tokenizer,
-        backend=TorchBackend(text_encoder, unet, vae, device=device, dtype=dtype),
+        backend=TorchBackend(text_encoder, unet, vae, device=device, dtype=dtype, text_encoder_2=text_encoder_2),
         scheduler_config=scheduler_config,
         low_res_scheduler=low_res,
         weights_path=weights_path,
+        tokenizer_2=tokenizer_2,
     )

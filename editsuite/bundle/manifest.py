@@ -13,6 +13,11 @@ from typing import Any, Mapping
 from editsuite.errors import UserError
 
 
+class Family(str, enum.Enum):
+    SD = "sd"  # SD 1.x / 2.x: one CLIP text encoder, the UNet conditioned on its hidden states
+    SDXL = "sdxl"  # two text encoders; the UNet also takes the pooled text embedding and size "time ids"
+
+
 class ModelKind(str, enum.Enum):
     BASE = "base"  # 4-channel UNet: txt2img, img2img, outpaint, tiled upscale, 4-channel inpaint
     INPAINTING = "inpainting"  # 9-channel UNet: latents + mask + masked-image latents
@@ -36,10 +41,25 @@ class Manifest:
     model_hash: str = ""  # short hash of the weights, as other SD tools show it
     source: str = ""
     max_noise_level: int | None = None  # x4 upscaler only
+    family: Family = Family.SD
+    # SDXL: an empty negative prompt is all zeros rather than the encoded "" (the pipeline's config)
+    force_zeros_for_empty_prompt: bool = True
+    vae: str = ""  # a VAE loaded in place of the model's own (--vae): its file or folder name
+    # the SDXL refiner: conditioned on an aesthetic score instead of a target size, one text encoder (the second)
+    requires_aesthetics_score: bool = False
+
+    @property
+    def refiner(self) -> bool:
+        return self.xl and self.requires_aesthetics_score
+
+    @property
+    def xl(self) -> bool:
+        return self.family is Family.SDXL
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["kind"] = self.kind.value
+        d["family"] = self.family.value
         return d
 
 
@@ -56,6 +76,9 @@ def manifest_from_configs(
     model_hash: str = "",
     source: str = "",
     max_noise_level: int | None = None,
+    force_zeros_for_empty_prompt: bool = True,
+    vae: str = "",
+    requires_aesthetics_score: bool = False,
 ) -> Manifest:
     """Derive the manifest from diffusers configs; refuse what is not a Stable Diffusion UNet."""
     unet, vae, sched = _cfg(unet_config), _cfg(vae_config), _cfg(scheduler_config)
@@ -94,4 +117,8 @@ def manifest_from_configs(
         model_hash=model_hash,
         source=source,
         max_noise_level=max_noise_level,
+        family=Family.SDXL if unet.get("addition_embed_type") == "text_time" else Family.SD,
+        force_zeros_for_empty_prompt=bool(force_zeros_for_empty_prompt),
+        vae=vae,
+        requires_aesthetics_score=bool(requires_aesthetics_score),
     )

@@ -44,16 +44,18 @@ CONFIG_FOLDERS = {
     "v2": "sd-v2",
     "inpainting": "sd-v1-inpainting",
     "inpainting_v2": "sd-v2-inpainting",
+    "xl_base": "sdxl-base",
 }
 DESCRIPTIONS = {
     "v1": "Stable Diffusion 1.x",
     "v2": "Stable Diffusion 2.x",
     "inpainting": "Stable Diffusion 1.x inpainting",
     "inpainting_v2": "Stable Diffusion 2.x inpainting",
+    "xl_base": "Stable Diffusion XL",
 }
 SUPPORTED = (
-    "supported: Stable Diffusion 1.x and 2.x checkpoints in the original (LDM) layout, "
-    "and their 9-channel inpainting variants"
+    "supported: Stable Diffusion 1.x, 2.x and XL base checkpoints in the original (LDM) layout, "
+    "and the 9-channel inpainting variants of 1.x and 2.x"
 )
 # names for the model types diffusers can detect but this loader does not handle (prefix match, first wins)
 _OTHER_NAMES = (
@@ -90,6 +92,9 @@ CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: transformers CLIPTextMo
 OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP text tower
 _CLIP_TOKEN_EMB = CLIP_PREFIX + "text_model.embeddings.token_embedding.weight"
 _OPEN_CLIP_TOKEN_EMB = OPEN_CLIP_PREFIX + "token_embedding.weight"
+XL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL: CLIP ViT-L, as transformers lays it out
+XL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL: OpenCLIP bigG, with its text_projection
+XL_REFINER_PREFIX = "conditioner.embedders.0.model."  # the SDXL refiner has OpenCLIP bigG alone
 
 
 def load_single_file(
@@ -120,7 +125,14 @@ def load_single_file(
     _drop_prefix(checkpoint, UNET_PREFIX)  # free what is no longer needed as we go
     vae = _build_vae(checkpoint, folder, torch_dtype, path.name)
     _drop_prefix(checkpoint, VAE_PREFIX)
+    xl = model_type == "xl_base"
     text_encoder = _build_text_encoder(checkpoint, folder, model_type, torch_dtype, path.name)
+    parts = {}
+    if xl:
+        _drop_prefix(checkpoint, XL_CLIP_PREFIX)
+        parts["text_encoder_2"] = _build_text_encoder(checkpoint, folder, model_type, torch_dtype, path.name,
+                                                      second=True)
+        parts["tokenizer_2"] = _load_tokenizer(folder, model_type, "tokenizer_2")
     checkpoint.clear()
     tokenizer = _load_tokenizer(folder, model_type)
     scheduler = _load_scheduler(folder, model_type)
@@ -131,6 +143,7 @@ def load_single_file(
         "vae": vae,
         "scheduler": scheduler,
         "model_type": model_type,
+        **parts,
     }
 
 
@@ -254,6 +267,9 @@ def detect_model_type(checkpoint: dict[str, torch.Tensor], *, name: str = "check
     """
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
+    xl = _detect_xl(checkpoint, name)
+    if xl is not None:
+        return xl
     try:
         inferred = infer_diffusers_model_type(checkpoint)
     except Exception:  # partial checkpoints can trip its key lookups; our own checks below still apply
@@ -301,6 +317,32 @@ def detect_model_type(checkpoint: dict[str, torch.Tensor], *, name: str = "check
     if in_channels == 9:
         return "inpainting" if family == "v1" else "inpainting_v2"
     return family
+
+
+def _detect_xl(checkpoint: dict[str, torch.Tensor], name: str) -> str | None:
+    """"xl_base" for an SDXL base checkpoint, None for one without SDXL's text encoders (conditioner.*);
+    refuses the SDXL kinds editsuite does not run yet and partial files. Keys decide, not diffusers'
+    layer-count probe (which needs 10+ layers, so it misses scaled-down test models)."""
+    if not any(k.startswith("conditioner.embedders.") for k in checkpoint):
+        return None
+    conv_in = checkpoint.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    if conv_in is not None and conv_in.ndim == 4 and int(conv_in.shape[1]) != 4:
+        raise UserError(f"{name} looks like a Stable Diffusion XL inpainting checkpoint ({int(conv_in.shape[1])}-channel "
+                        f"UNet), which is not supported yet; {SUPPORTED}")
+    if any(k.startswith(XL_REFINER_PREFIX) for k in checkpoint):
+        raise UserError(f"{name} looks like a Stable Diffusion XL refiner checkpoint, which is not supported yet; "
+                        f"{SUPPORTED}")
+    for key in (XL_CLIP_PREFIX + "text_model.embeddings.token_embedding.weight",
+                XL_OPEN_CLIP_PREFIX + "token_embedding.weight"):
+        if key not in checkpoint:
+            raise UserError(f"{name} has SDXL text encoder weights (conditioner.embedders.*) but not {key}; a full "
+                            "SDXL checkpoint holds both text encoders")
+    if conv_in is None or conv_in.ndim != 4 or UNET_PREFIX + "label_emb.0.0.weight" not in checkpoint:
+        raise UserError(f"{name} has SDXL text encoders but no SDXL UNet ({UNET_PREFIX}*, with label_emb); "
+                        f"{SUPPORTED}")
+    if not any(k.startswith(VAE_PREFIX) for k in checkpoint):
+        raise UserError(f"{name} has no VAE weights ({VAE_PREFIX}*); a full Stable Diffusion checkpoint is needed")
+    return "xl_base"
 
 
 # -------------------------------------------------------------------------------------------- components
@@ -374,10 +416,14 @@ def vae_state_dict(checkpoint: dict, config: dict) -> dict:
 _LAYER_RE = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
 
 
-def text_encoder_state_dict(checkpoint: dict, model, model_type: str) -> dict:
-    """The text encoder's weights from an original-layout checkpoint, in the layout of `model` (a CLIPTextModel)."""
+def text_encoder_state_dict(checkpoint: dict, model, model_type: str, second: bool = False) -> dict:
+    """The text encoder's weights from an original-layout checkpoint, in the layout of `model` (a CLIPTextModel,
+    or SDXL's second encoder, a CLIPTextModelWithProjection, with `second`)."""
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
 
+    if second:  # SDXL's OpenCLIP bigG: every layer and its projection are used (the pooled embedding)
+        state_dict = convert_open_clip_checkpoint(model, checkpoint, prefix=XL_OPEN_CLIP_PREFIX)
+        return {k: v for k, v in state_dict.items() if not k.endswith("position_ids")}
     if model_type in ("v2", "inpainting_v2"):
         state_dict = convert_open_clip_checkpoint(model, checkpoint, prefix=OPEN_CLIP_PREFIX)
     else:
@@ -435,24 +481,28 @@ def _build_vae(checkpoint: dict, folder: Path, dtype: torch.dtype, name: str):
     return _build_diffusers_model(AutoencoderKL, "vae", "VAE", vae_state_dict, checkpoint, folder, dtype, name)
 
 
-def _build_text_encoder(checkpoint: dict, folder: Path, model_type: str, dtype: torch.dtype, name: str):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _build_text_encoder(checkpoint: dict, folder: Path, model_type: str, dtype: torch.dtype, name: str,
+                        second: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    with _user_errors(f"invalid text encoder config {folder / 'text_encoder' / 'config.json'}"):
-        config = CLIPTextConfig.from_pretrained(str(folder / "text_encoder"), local_files_only=True)
+    sub, label = ("text_encoder_2", "second text encoder") if second else ("text_encoder", "text encoder")
+    if not (folder / sub / "config.json").is_file():  # a custom config folder for SD 1.x/2.x has no second one
+        folder = CONFIG_ROOT / CONFIG_FOLDERS[model_type]
+    with _user_errors(f"invalid {label} config {folder / sub / 'config.json'}"):
+        config = CLIPTextConfig.from_pretrained(str(folder / sub), local_files_only=True)
         with _empty_weights():
-            model = CLIPTextModel(config)
-    with _user_errors(f"{name}: the text encoder weights do not match the text encoder config"):
-        state_dict = text_encoder_state_dict(checkpoint, model, model_type)
-    return _assign_weights(model, state_dict, "text encoder", name, dtype)
+            model = (CLIPTextModelWithProjection if second else CLIPTextModel)(config)
+    with _user_errors(f"{name}: the {label} weights do not match the {label} config"):
+        state_dict = text_encoder_state_dict(checkpoint, model, model_type, second)
+    return _assign_weights(model, state_dict, label, name, dtype)
 
 
-def _load_tokenizer(folder: Path, model_type: str):
+def _load_tokenizer(folder: Path, model_type: str, subfolder: str = "tokenizer"):
     from transformers import CLIPTokenizer
 
-    sub = folder / "tokenizer"
+    sub = folder / subfolder
     if not (sub / "vocab.json").is_file():
-        sub = CONFIG_ROOT / CONFIG_FOLDERS[model_type] / "tokenizer"
+        sub = CONFIG_ROOT / CONFIG_FOLDERS[model_type] / subfolder
     try:
         return CLIPTokenizer.from_pretrained(str(sub), local_files_only=True)
     except Exception as e:

@@ -4,7 +4,9 @@ Every backend (this one, Core ML) offers the same four calls on torch tensors, s
 knows which one runs:
 
 - `encode_text(ids)`: token ids (B, 77) -> hidden states (B, 77, D)
-- `unet(sample, t, context, class_labels)`: (B, C_in, h, w) -> prediction (B, 4, h, w)
+- `encode_text_xl(ids, ids_2)` (SDXL): both encoders -> hidden states (B, 77, D1+D2) and pooled (B, P)
+- `unet(sample, t, context, class_labels, added)`: (B, C_in, h, w) -> prediction (B, 4, h, w); SDXL's
+  `added` holds its "text_embeds" (B, P) and "time_ids" (B, 6)
 - `vae_encode(image)`: pixels (B, 3, H, W) in [-1, 1] -> moments (B, 2*4, h, w) (mean, logvar)
 - `vae_decode(latents)`: unscaled latents (B, 4, h, w) -> pixels (B, 3, H, W) in about [-1, 1]
 """
@@ -42,10 +44,12 @@ class TorchBackend(ModelBackend):
     name = "torch"
     dtype = torch.float32
 
-    def __init__(self, text_encoder, unet, vae, *, device: torch.device, dtype: torch.dtype):
+    def __init__(self, text_encoder, unet, vae, *, device: torch.device, dtype: torch.dtype, text_encoder_2=None):
         self.device = torch.device(device)
         self.compute_dtype = self.vae_dtype = dtype
-        self.text_encoder, self.unet_model, self.vae = (_place(m, self.device, dtype) for m in (text_encoder, unet, vae))
+        # text_encoder is None for SDXL's refiner, text_encoder_2 for everything but SDXL
+        self.text_encoder, self.unet_model, self.vae, self.text_encoder_2 = (
+            None if m is None else _place(m, self.device, dtype) for m in (text_encoder, unet, vae, text_encoder_2))
         self.notice: str | None = None  # set when the VAE had to fall back to float32
         if self.device.type == "cpu" and dtype == torch.bfloat16:  # the fast CPU default (bench/pieces.py)
             speed.keep_freed_memory()
@@ -59,9 +63,23 @@ class TorchBackend(ModelBackend):
         return self.text_encoder(input_ids.to(self.device), attention_mask=None)[0].float()
 
     @torch.inference_mode()
-    def unet(self, sample, timestep, context, class_labels=None, cache: "FeatureCache | None" = None) -> torch.Tensor:
+    def encode_text_xl(self, input_ids: torch.Tensor | None, input_ids_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL: both encoders' penultimate hidden states side by side (the refiner: the second's alone), and
+        the second one's pooled, projected embedding, as diffusers' StableDiffusionXLPipeline.encode_prompt
+        takes them."""
+        second = self.text_encoder_2(input_ids_2.to(self.device), output_hidden_states=True)
+        hidden = second.hidden_states[-2]
+        if self.text_encoder is not None:
+            first = self.text_encoder(input_ids.to(self.device), output_hidden_states=True)
+            hidden = torch.cat([first.hidden_states[-2], hidden], dim=-1)
+        return hidden.float(), second.text_embeds.float()
+
+    @torch.inference_mode()
+    def unet(self, sample, timestep, context, class_labels=None, cache: "FeatureCache | None" = None,
+             added: dict | None = None) -> torch.Tensor:
         dt = self.compute_dtype
         sample, context = sample.to(dt), context.to(dt)
+        extra = {} if added is None else {"added_cond_kwargs": {k: v.to(self.device, dt) for k, v in added.items()}}
         if cache is not None and cache.reuse and cache.feature is not None:
             return self._outer_level(sample, timestep, context, class_labels, cache.feature).float()
         hook = None
@@ -69,7 +87,7 @@ class TorchBackend(ModelBackend):
             hook = self.unet_model.up_blocks[-2].register_forward_hook(lambda mod, args, out: cache.keep(out))
         try:
             return self.unet_model(
-                sample, timestep, encoder_hidden_states=context, class_labels=class_labels, return_dict=False
+                sample, timestep, encoder_hidden_states=context, class_labels=class_labels, return_dict=False, **extra
             )[0].float()
         finally:
             if hook is not None:

@@ -12,8 +12,8 @@ import click
 import typer
 
 from editsuite.bundle.choices import Attention
-from editsuite.cli.options import (RUN_OPTIONS, AllowPickle, Inputs, Json, MaskFile, ModelConfig, Overwrite,
-                                   PredictionTypeOpt, Quiet, option_for)
+from editsuite.cli.options import (REFINER_OPTION, RUN_OPTIONS, AllowPickle, Inputs, Json, MaskFile, ModelConfig,
+                                   Overwrite, PredictionTypeOpt, Quiet, option_for)
 from editsuite.cli.run import execute
 from editsuite.errors import UserError
 
@@ -33,6 +33,9 @@ def _edit_command(task_cls):
     for name, annotation, default, needs_inputs in RUN_OPTIONS:
         if task_cls.inputs or not needs_inputs:
             params.append(inspect.Parameter(name, kind, annotation=annotation, default=default))
+    if task_cls.takes_refiner:
+        name, annotation, default = REFINER_OPTION
+        params.append(inspect.Parameter(name, kind, annotation=annotation, default=default))
 
     def command(**values):
         execute(task_cls, values)

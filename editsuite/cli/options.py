@@ -42,6 +42,12 @@ ModelConfig = Annotated[Optional[str], typer.Option(
 PredictionTypeOpt = Annotated[Optional[PredictionType], typer.Option(
     "--prediction-type", help="Override the model's (needed for Apple-converted SD 2.x 768 bundles without "
     "--config).")]
+VaeOpt = Annotated[Optional[str], typer.Option(
+    "--vae", help="A VAE to use instead of the model's own: a diffusers VAE folder or a .safetensors file (e.g. an "
+    "SDXL fp16-fix VAE).")]
+Refiner = Annotated[Optional[str], typer.Option(
+    "--refiner", help="An SDXL refiner (or any SDXL model) that finishes the run from --switch on, as diffusers' "
+    "ensemble of expert denoisers (SDXL models only).")]
 MaxOutputPixels = Annotated[int, typer.Option(
     help="Refuse a run whose pictures would hold more pixels than this, all images together (raise it for big "
     "pictures or many images).")]
@@ -53,10 +59,11 @@ RUN_OPTIONS = (
     ("dtype", DtypeOpt, Dtype.AUTO, False), ("cache_interval", CacheInterval, 1, False),
     ("overwrite", Overwrite, False, False), ("quiet", Quiet, False, False), ("json_out", Json, False, False),
     ("allow_pickle", AllowPickle, False, False), ("config", ModelConfig, None, False),
-    ("prediction_type", PredictionTypeOpt, None, False),
+    ("prediction_type", PredictionTypeOpt, None, False), ("vae", VaeOpt, None, False),
     ("max_output_pixels", MaxOutputPixels, DEFAULT_MAX_OUTPUT_PIXELS, False),
     ("max_pixels", MaxPixels, DEFAULT_MAX_PIXELS, True),
 )
+REFINER_OPTION = ("refiner", Refiner, None)  # edits whose task takes a refiner (Task.takes_refiner)
 
 
 def option_for(param) -> tuple[object, object]:

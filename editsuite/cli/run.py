@@ -75,7 +75,8 @@ def execute(task: type[Task], given: dict[str, Any]) -> None:
         check_writable(folder)
     # 4. Load the model once, build the task
     bundle = _load(task, opts, quiet)
-    runner = task(bundle, max_output_pixels=max_output)  # checks what only the model tells (its own size)
+    extra = {"refiner": _load_refiner(opts, bundle)} if opts.get("refiner") else {}
+    runner = task(bundle, max_output_pixels=max_output, **extra)  # checks what only the model tells (its own size)
     shown = {bundle.notice}
     # 5. Run each input, then save its outputs atomically
     written = []
@@ -121,11 +122,21 @@ def _load(task: type[Task], opts: dict, quiet: bool):
                         "runs in PyTorch: leave it out, or use --device")
     bundle = load_bundle(model, backend=opts["backend"], device=opts["device"], dtype=opts["dtype"],
                          allow_pickle=opts["allow_pickle"], compute_units=opts["compute_units"],
-                         config=opts["config"], prediction_type=opts["prediction_type"])
+                         config=opts["config"], prediction_type=opts["prediction_type"], vae=opts["vae"])
     if bundle.notice and not quiet:
         typer.echo(bundle.notice, err=True)
     bundle.cache_interval = opts["cache_interval"]
     return bundle
+
+
+def _load_refiner(opts: dict, bundle):
+    """--refiner: a second PyTorch model on the model's device, in its dtype."""
+    from editsuite.bundle.loader import load_bundle
+
+    if bundle.backend.name != "torch":
+        raise UserError("--refiner runs on the PyTorch backend; pass a PyTorch model with --model")
+    return load_bundle(opts["refiner"], backend="torch", device=bundle.device, dtype=bundle.compute_dtype,
+                       allow_pickle=opts["allow_pickle"])
 
 
 class _Progress:

@@ -294,6 +294,9 @@ def convert(source, out: str | os.PathLike, *, resolutions=(), attention: str = 
     bundle = load_bundle(source, backend="torch", device="cpu", dtype="float32", allow_pickle=allow_pickle,
                          modules=frozenset(_MODULE_OF[p] for p in wanted))
     m = bundle.manifest
+    if m.xl:
+        raise UserError(f"{source} is an SDXL model; editsuite converts SD 1.x/2.x models to Core ML so far (SDXL "
+                        "runs on the PyTorch backend)")
     native = (m.native_resolution, m.native_resolution)
     # Apple's Python pipeline finds packages by the hub id or folder it loads the tokenizer from: a hub id
     # is kept as the model version, anything else gives its name

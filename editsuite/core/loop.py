@@ -94,6 +94,31 @@ def schedule(scheduler, steps: int, device, strength: float | None = None) -> to
     return timesteps
 
 
+def _cutoff(scheduler, fraction: float) -> int:
+    total = scheduler.config.num_train_timesteps
+    return int(round(total - fraction * total))
+
+
+def denoising_end(scheduler, timesteps: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The timesteps a base model runs before a refiner takes over at `fraction` of the schedule (diffusers'
+    `denoising_end`: those at or above the cut-off timestep)."""
+    cut = _cutoff(scheduler, fraction)
+    return timesteps[: len([t for t in timesteps if t >= cut])]
+
+
+def denoising_start(scheduler, fraction: float) -> torch.Tensor:
+    """The timesteps a refiner runs from `fraction` of the schedule on (diffusers' `denoising_start`: those
+    below the cut-off; a second-order scheduler keeps its pairs whole). Call after `schedule`."""
+    cut = _cutoff(scheduler, fraction)
+    n = int((scheduler.timesteps < cut).sum())
+    if scheduler.order == 2 and n % 2 == 0:
+        n += 1
+    start = len(scheduler.timesteps) - n
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return scheduler.timesteps[start:]
+
+
 def image_processor(bundle, **kw) -> VaeImageProcessor:
     return VaeImageProcessor(vae_scale_factor=bundle.manifest.vae_scale_factor, **kw)
 
@@ -141,7 +166,7 @@ def denoise(bundle, scheduler, inputs: LoopInputs, *, generator: Generators, eta
     step_kw = _step_kwargs(scheduler, generator, eta)
     timesteps = inputs.timesteps
     interval = bundle.cache_interval
-    unet_kw = {}
+    unet_kw = {} if g.added is None else {"added": g.added}
     if interval > 1:
         unet_kw["cache"] = bundle.backend.feature_cache()
         if unet_kw["cache"] is None:

@@ -153,6 +153,11 @@ def png_settings(settings: dict) -> dict:
     """Settings plus the keys the A1111 `parameters` text reads (model name and hash, extras)."""
     model = settings.get("model", {})
     extra = {label: settings[k] for k, label in A1111_EXTRA.items() if settings.get(k) not in (None, False, 0)}
+    if model.get("vae"):
+        extra["VAE"] = _plain(model["vae"])
+    if settings.get("refiner"):  # A1111's own keys for a refiner run
+        extra["Refiner"] = _plain(settings["refiner"].get("name") or "refiner")
+        extra["Refiner switch at"] = settings.get("refiner_switch")
     if settings.get("invert_mask"):
         extra["Mask mode"] = "Inpaint not masked"
     if settings.get("only_masked"):

@@ -11,7 +11,7 @@ import PIL.Image
 
 from editsuite.bundle.manifest import ModelKind
 from editsuite.core import loop
-from editsuite.core.prompts import encode_prompt
+from editsuite.core.prompts import TimeIds, encode_prompt
 from editsuite.core.schedulers import PIPELINE_FIXES, a1111_sampler, make_scheduler, pipeline_config
 from editsuite.errors import UserError
 from editsuite.imaging.output import DEFAULT_MAX_OUTPUT_PIXELS, check_output_size
@@ -70,6 +70,7 @@ class Task:
     summary: ClassVar[str] = ""  # one line: the CLI command's help
     kinds: ClassVar[tuple[ModelKind, ...]] = (ModelKind.BASE,)
     inputs: ClassVar[tuple[str, ...]] = ()
+    takes_refiner: ClassVar[bool] = False  # the CLI's --refiner (SDXL's ensemble of experts)
     params: ClassVar[tuple[Param, ...]] = P.COMMON
     # the scheduler-config corrections of the diffusers pipeline this task matches (see schedulers.FIXES)
     scheduler_fixes: ClassVar[tuple[str, ...]] = PIPELINE_FIXES
@@ -153,18 +154,54 @@ class Task:
 
     # -- pieces every run uses -------------------------------------------------------------------------
 
-    def start(self, values, fixes: tuple[str, ...] | None = None):
+    def start(self, values, fixes: tuple[str, ...] | None = None, time_ids: TimeIds | None = None):
         """The shared settings (the seed drawn if none), the guidance, a fresh scheduler and the generators
-        (image i: seed + i)."""
+        (image i: seed + i). An SDXL model also needs its `time_ids` (see `size_conditioning`)."""
         c = Common.of(values)
         scheduler = self.new_scheduler(c.scheduler, fixes)
-        guidance = encode_prompt(self.bundle, c.prompt, c.negative_prompt, c.num_images, c.guidance_scale)
+        guidance = encode_prompt(self.bundle, c.prompt, c.negative_prompt, c.num_images, c.guidance_scale, time_ids)
         return c, guidance, scheduler, loop.generators_for(c.seed, c.num_images)
 
-    def new_scheduler(self, name: str | None, fixes: tuple[str, ...] | None = None):
-        """A fresh scheduler: `name` built from the model's config as the matching diffusers pipeline
-        corrects it (`fixes`, the task's own by default)."""
-        config = pipeline_config(self.bundle.scheduler_config, self.scheduler_fixes if fixes is None else fixes)
+    def size_conditioning(self, v, width: int, height: int, pipeline: str, bundle=None) -> TimeIds | None:
+        """SDXL's time ids from the run's params.SDXL_CONDITIONING values, as diffusers' SDXL `pipeline`
+        builds them for `bundle` (the task's own by default); None for SD 1.x/2.x models, which refuse those
+        values. The aesthetic scores are the refiner's: for other models they are refused."""
+        b = bundle or self.bundle
+        m = b.manifest
+        given = [p for p in P.SDXL_CONDITIONING if getattr(v, p.name, None) is not None]
+        if not m.xl:
+            if given:
+                raise UserError(f"{given[0].spoken} is SDXL's conditioning, and {m.name or 'this model'} is an SD "
+                                "1.x/2.x model; leave it out")
+            return None
+        scores = (getattr(v, "aesthetic_score", None), getattr(v, "negative_aesthetic_score", None))
+        if bundle is None and not m.refiner and getattr(self, "refiner", None) is None and scores != (None, None):
+            raise UserError(f"the aesthetic scores condition SDXL's refiner, and {m.name or 'this model'} is not one; "
+                            "leave them out")
+        size = lambda name: (lambda wh: wh and (wh[1], wh[0]))(P.parse_pair(getattr(v, name, None)))  # noqa: E731
+        crop = lambda name: P.parse_pair(getattr(v, name, None))  # noqa: E731 (top, left)
+        aesthetic = None
+        if m.refiner:
+            aesthetic = tuple(d if s is None else s for s, d in zip(scores, P.AESTHETIC_DEFAULTS))
+        return TimeIds.build(width, height, pipeline=pipeline, original=size("original_size"),
+                             crop=crop("crop_top_left"), target=size("target_size"),
+                             negative_original=size("negative_original_size"),
+                             negative_crop=crop("negative_crop_top_left"), negative_target=size("negative_target_size"),
+                             aesthetic=aesthetic)
+
+    @staticmethod
+    def size_conditioning_settings(v) -> dict[str, Any]:
+        """The SDXL conditioning values a run was given, for its metadata."""
+        return {p.name: getattr(v, p.name) for p in P.SDXL_CONDITIONING if getattr(v, p.name, None) is not None}
+
+    def new_scheduler(self, name: str | None, fixes: tuple[str, ...] | None = None, bundle=None):
+        """A fresh scheduler: `name` built from the config of `bundle` (the task's own by default) as the
+        matching diffusers pipeline corrects it (`fixes`, the task's own by default; SDXL's pipelines correct
+        nothing)."""
+        b = bundle or self.bundle
+        if b.manifest.xl:
+            fixes = ()
+        config = pipeline_config(b.scheduler_config, self.scheduler_fixes if fixes is None else fixes)
         return make_scheduler(name, config)
 
     def metadata(self, c: Common, width: int, height: int, **extra) -> dict[str, Any]:

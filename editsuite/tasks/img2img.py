@@ -40,7 +40,7 @@ class Img2Img(Task):
     summary = "Repaint pictures guided by a prompt."
     kinds = (ModelKind.BASE,)
     inputs = ("image",)
-    params = (*P.COMMON, P.strength(0.75), *P.size_params("default: the input's, rounded"))
+    params = (*P.COMMON, P.strength(0.75), *P.size_params("default: the input's, rounded"), *P.SDXL_CONDITIONING)
 
     def _run(self, image, *, v, callback) -> TaskResult:
         # 1. Open the input; the work size
@@ -49,8 +49,8 @@ class Img2Img(Task):
         w, h = work_size(image, v.width, v.height, f)
         self.check_output(w, h, v.num_images)
         # 2. Prompt, scheduler, generators
-        c, guidance, sched, gen = self.start(v)
-        meta = self.metadata(c, w, h, strength=v.strength)
+        c, guidance, sched, gen = self.start(v, time_ids=self.size_conditioning(v, w, h, "img2img"))
+        meta = self.metadata(c, w, h, strength=v.strength, **self.size_conditioning_settings(v))
         # 3. Encode, noise, denoise, decode (strength 0 keeps the input exactly)
         pixels = loop.image_processor(self.bundle).preprocess(image, height=h, width=w)
         latents = img2img_latents(self, pixels, c, guidance, sched, gen, v.strength, callback) if v.strength > 0 \

@@ -65,8 +65,10 @@ def repaint(task: Task, edit: MaskedEdit, v, callback, extra: dict) -> TaskResul
     else:
         w, h = work_size(image, edit.width, edit.height, f)
     task.check_output(max(w, image.width), max(h, image.height), v.num_images)
-    c, guidance, sched, gen = task.start(v)
-    meta = task.metadata(c, w, h, strength=v.strength, **extra, crop=list(crop) if crop else None)
+    # SDXL: the time ids as StableDiffusionXLInpaintPipeline makes them (its img2img rule, at the work size)
+    c, guidance, sched, gen = task.start(v, time_ids=task.size_conditioning(v, w, h, "img2img"))
+    meta = task.metadata(c, w, h, strength=v.strength, **extra, crop=list(crop) if crop else None,
+                         **task.size_conditioning_settings(v))
     timesteps = loop.schedule(sched, c.steps, b.device, v.strength)
     if len(timesteps) == 0:  # strength too low for a single step: nothing changes
         return TaskResult([image.copy() for _ in range(c.num_images)], {**meta, "steps_run": 0})
@@ -118,7 +120,7 @@ class Inpaint(Task):
         P.Param("resize_mask", bool, False, "Stretch a mask of another size to the image."),
         P.Param("overlay", bool, True, "Paste the result over the original outside the mask (False: the model's "
                 "raw output, as diffusers returns it).", cli=False),
-        *P.size_params("default: the input's, rounded"),
+        *P.size_params("default: the input's, rounded"), *P.SDXL_CONDITIONING,
     )
 
     def _run(self, image, mask, *, v, callback) -> TaskResult:

@@ -51,7 +51,7 @@ class Outpaint(Task):
             SIDES, ("on the left", "on the right", "on top", "at the bottom"))),
         P.Param("expand", int, 0, "Pixels to add on every side (instead of the four above).", low=0),
         P.Param("feather", int, 16, "Fade the new area in over this many pixels from the edge.", low=0),
-        P.strength(1.0),
+        P.strength(1.0), *P.SDXL_CONDITIONING,
     )
 
     @classmethod

@@ -197,6 +197,52 @@ def strength(default: float) -> Param:
                  high=1)
 
 
+def pair_rule(name: str, sep: str, what: str):
+    """"A{sep}B" with two whole numbers 0..MAX_SIDE: SDXL's sizes (WIDTHxHEIGHT) and crop corners (TOP,LEFT)."""
+
+    def check(value: str, factor=None) -> str:
+        parts = value.lower().replace(" ", "").split(sep)
+        if len(parts) != 2 or not all(p.isdigit() and int(p) <= MAX_SIDE for p in parts):
+            raise UserError(f"{name} must be {what}, two whole numbers up to {MAX_SIDE} (got {value!r})")
+        return f"{int(parts[0])}{sep}{int(parts[1])}"
+    return check
+
+
+def parse_pair(value: str | None) -> tuple[int, int] | None:
+    """A checked pair_rule value -> its two numbers in the written order."""
+    if value is None:
+        return None
+    a, b = value.replace("x", ",").split(",")
+    return int(a), int(b)
+
+
+def _size_conditioning(name: str, what: str) -> Param:
+    return Param(name, str, None, f"SDXL only: {what}, WIDTHxHEIGHT (default: the picture's size).", optional=True,
+                 check=pair_rule(name.replace("_", " "), "x", "WIDTHxHEIGHT"))
+
+
+def _crop_conditioning(name: str, what: str) -> Param:
+    return Param(name, str, None, f"SDXL only: {what}, TOP,LEFT in pixels (default: 0,0).", optional=True,
+                 check=pair_rule(name.replace("_", " "), ",", "TOP,LEFT"))
+
+
+# SDXL's micro-conditioning (diffusers' original_size, crops_coords_top_left, target_size and their negative_*;
+# the refiner's aesthetic_score and negative_aesthetic_score)
+AESTHETIC_DEFAULTS = (6.0, 2.5)
+SDXL_CONDITIONING: tuple[Param, ...] = (
+    _size_conditioning("original_size", "the size the picture is said to come from"),
+    _crop_conditioning("crop_top_left", "the top-left corner of the crop it is said to be"),
+    _size_conditioning("target_size", "the size aimed at"),
+    _size_conditioning("negative_original_size", "original size for the unconditional half"),
+    _crop_conditioning("negative_crop_top_left", "crop corner for the unconditional half"),
+    _size_conditioning("negative_target_size", "target size for the unconditional half"),
+    Param("aesthetic_score", float, None, f"SDXL refiner only: the aesthetic score asked for (default "
+          f"{AESTHETIC_DEFAULTS[0]:g}).", optional=True, low=0, high=10),
+    Param("negative_aesthetic_score", float, None, f"SDXL refiner only: the unconditional half's (default "
+          f"{AESTHETIC_DEFAULTS[1]:g}).", optional=True, low=0, high=10),
+)
+
+
 def by_name(params: tuple[Param, ...]) -> dict[str, Param]:
     return {p.name: p for p in params}
 

@@ -116,12 +116,13 @@ class Upscale(Task):
                             f"(got tile {tile}, overlap {overlap})")
         target = (round(image.width * scale), round(image.height * scale))
         big = image.resize(target, PIL.Image.LANCZOS)
-        c, guidance, sched, gen = self.start(v)
+        tw, th = min(tile, target[0] - target[0] % f), min(tile, target[1] - target[1] % f)
+        # SDXL: each tile is an img2img run at the tile's size (StableDiffusionXLImg2ImgPipeline's time ids)
+        c, guidance, sched, gen = self.start(v, time_ids=self.size_conditioning(v, max(tw, f), max(th, f), "img2img"))
         meta = self.metadata(c, target[0], target[1], scale=scale, tile=tile, overlap=overlap, strength=strength,
                              method="tiled-img2img")
         if strength == 0 or min(target) < f:
             return TaskResult([big.copy() for _ in range(c.num_images)], meta)
-        tw, th = min(tile, target[0] - target[0] % f), min(tile, target[1] - target[1] % f)
         xs, ys = tile_starts(target[0], tw, overlap), tile_starts(target[1], th, overlap)
         acc = np.zeros((c.num_images, target[1], target[0], 3))
         wsum = np.zeros((target[1], target[0], 1))
