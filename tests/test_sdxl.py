@@ -116,10 +116,15 @@ def test_inpaint_equals_diffusers(channels, strength, scheduler):
                                              guidance_scale=GUIDANCE, num_images=n, scheduler=scheduler,
                                              overlay=False)
         assert_parity(ours.images[0], theirs[0])  # the first of a batch, and a single image
-    second = _with_scheduler(pipe, scheduler)(
+    # image 1 of the batch is the single image of seed + 1: editsuite's exactly as diffusers', and the batch's
+    # to a level on a few pixels (the UNet rounds differently at another batch size), as for SD (test_parity)
+    alone = editsuite.Inpaint(bundle).run(picture, mask, "a bench", strength=strength, steps=STEPS, seed=SEED + 1,
+                                          guidance_scale=GUIDANCE, scheduler=scheduler, overlay=False).images[0]
+    assert_parity(alone, _with_scheduler(pipe, scheduler)(
         "a bench", image=picture, mask_image=mask, strength=strength, num_inference_steps=STEPS,
-        guidance_scale=GUIDANCE, height=64, width=64, generator=_generators(1, SEED + 1)).images[0]
-    assert_parity(ours.images[1], second)  # image 1 of the batch = diffusers' run of one image with seed + 1
+        guidance_scale=GUIDANCE, height=64, width=64, generator=_generators(1, SEED + 1)).images[0])
+    diff = np.abs(np.asarray(ours.images[1], np.int16) - np.asarray(alone, np.int16)).max(-1)
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.005
 
 
 def test_outpaint_and_tiled_upscale_run_on_sdxl(xl):
@@ -295,8 +300,8 @@ def test_a_separate_vae_replaces_the_models_own(tmp_path, capsys):
     small = AutoencoderKL(block_out_channels=[32, 32], down_block_types=["DownEncoderBlock2D"] * 2,
                           up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=32)
     save_file(small.state_dict(), str(tmp_path / "small.safetensors"))
-    for source, message in (("small.safetensors", "do not fit"), ("nowhere.safetensors", "not found"),
-                            ("xl/unet", "not a VAE")):
+    for source, message in (("small.safetensors", "does not match the VAE config"),
+                            ("nowhere.safetensors", "not found"), ("xl/unet", "not a VAE")):
         assert main(["txt2img", "-p", "x", "-m", str(folder), "--vae", str(tmp_path / source), "--steps", "1",
                      "-o", str(tmp_path / "never.png")]) == 2
         assert message in capsys.readouterr().err
@@ -310,13 +315,17 @@ def _refiner_setup(tmp_path):
 
     base = tiny_xl_components()
     refiner = tiny_xl_refiner_components(base)
-    base_pipe = StableDiffusionXLPipeline(**base, add_watermarker=False)
-    refiner_pipe = StableDiffusionXLImg2ImgPipeline(**refiner, requires_aesthetics_score=True,
-                                                    force_zeros_for_empty_prompt=False, add_watermarker=False)
+    StableDiffusionXLPipeline(**base, add_watermarker=False).save_pretrained(tmp_path / "base",
+                                                                            safe_serialization=True)
+    StableDiffusionXLImg2ImgPipeline(**refiner, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+                                     add_watermarker=False).save_pretrained(tmp_path / "refiner",
+                                                                            safe_serialization=True)
+    # diffusers' pipelines as users load them: modules read back from the folders give the last bits of the
+    # folders' own (a module built in memory can round differently, 1e-6, than the same weights read back)
+    base_pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "base", add_watermarker=False)
+    refiner_pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(tmp_path / "refiner", add_watermarker=False)
     for p in (base_pipe, refiner_pipe):
         p.set_progress_bar_config(disable=True)
-    base_pipe.save_pretrained(tmp_path / "base", safe_serialization=True)
-    refiner_pipe.save_pretrained(tmp_path / "refiner", safe_serialization=True)
     return base_pipe, refiner_pipe
 
 

@@ -266,7 +266,7 @@ def test_random_tensors_are_not_a_stable_diffusion_checkpoint(tmp_path):
     save_file({"weight": torch.randn(8, 8), "layers.0.bias": torch.randn(8)}, str(path))
     with pytest.raises(UserError, match="not a Stable Diffusion checkpoint") as err:
         load_single_file(path)
-    assert "Stable Diffusion 1.x and 2.x" in str(err.value)
+    assert "Stable Diffusion 1.x, 2.x and XL" in str(err.value)
 
 
 def test_truncated_safetensors_is_a_user_error(tiny, tmp_path):

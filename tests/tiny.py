@@ -93,8 +93,9 @@ def save_tiny(folder: Path, kind: str = "base", prediction_type: str = "epsilon"
 
 def tiny_xl_components(prediction_type: str = "epsilon", seed: int = 0, in_channels: int = 4) -> dict:
     """A tiny SDXL: two text encoders (CLIP-L-like and a projecting OpenCLIP-like one, whose tokenizer pads
-    with "!"), a UNet (`in_channels` 9: SDXL inpainting) with SDXL's "text_time" added conditioning, transformer depth (1, 2) and linear
-    projections, a factor-8 VAE with SDXL's latent scale, Euler with SDXL's "leading" spacing."""
+    with "!"), a UNet (`in_channels` 9: SDXL inpainting) with SDXL's "text_time" added conditioning,
+    transformer depth (1, 2) and linear projections, a factor-8 VAE with SDXL's latent scale, Euler with
+    SDXL's "leading" spacing."""
     from diffusers import EulerDiscreteScheduler
     from transformers import CLIPTextModelWithProjection
 

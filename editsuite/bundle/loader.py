@@ -231,7 +231,8 @@ def _load_diffusers(location, source: str, device, dtype, *, local: bool, module
             raise UserError(f"{index_path} cannot be read as JSON ({e})") from None
         if not isinstance(index, dict):
             raise UserError(f"{index_path} is not a model index (a JSON object)")
-        absent = lambda c: index.get(c) in (None, [None, None])  # noqa: E731 (a refiner lists its missing parts as null)
+        # a refiner lists its missing parts as null
+        absent = lambda c: index.get(c) in (None, [None, None])  # noqa: E731
         # SDXL's refiner has the second text encoder only
         needed = ("text_encoder_2", "tokenizer_2") if not absent("text_encoder_2") and absent("text_encoder") \
             else ("text_encoder", "tokenizer")
@@ -377,7 +378,7 @@ def _assemble(unet, vae, text_encoder, tokenizer, scheduler_config, low_res, max
     manifest = manifest_from_configs(
         unet.config, vae.config, scheduler_config, name=name, source=source, max_noise_level=max_noise_level,
         force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
-        vae=vae_name(vae_source) if vae_source is not None else "",
+        vae_name=vae_name(vae_source) if vae_source is not None else "",
         requires_aesthetics_score=requires_aesthetics_score,
     )
     if manifest.xl and (text_encoder_2 is None or tokenizer_2 is None):

@@ -77,7 +77,7 @@ def manifest_from_configs(
     source: str = "",
     max_noise_level: int | None = None,
     force_zeros_for_empty_prompt: bool = True,
-    vae: str = "",
+    vae_name: str = "",
     requires_aesthetics_score: bool = False,
 ) -> Manifest:
     """Derive the manifest from diffusers configs; refuse what is not a Stable Diffusion UNet."""
@@ -119,6 +119,6 @@ def manifest_from_configs(
         max_noise_level=max_noise_level,
         family=Family.SDXL if unet.get("addition_embed_type") == "text_time" else Family.SD,
         force_zeros_for_empty_prompt=bool(force_zeros_for_empty_prompt),
-        vae=vae,
+        vae=vae_name,
         requires_aesthetics_score=bool(requires_aesthetics_score),
     )

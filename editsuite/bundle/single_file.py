@@ -327,8 +327,8 @@ def _detect_xl(checkpoint: dict[str, torch.Tensor], name: str) -> str | None:
         return None
     conv_in = checkpoint.get(UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is not None and conv_in.ndim == 4 and int(conv_in.shape[1]) != 4:
-        raise UserError(f"{name} looks like a Stable Diffusion XL inpainting checkpoint ({int(conv_in.shape[1])}-channel "
-                        f"UNet), which is not supported yet; {SUPPORTED}")
+        raise UserError(f"{name} looks like a Stable Diffusion XL inpainting checkpoint "
+                        f"({int(conv_in.shape[1])}-channel UNet), which is not supported yet; {SUPPORTED}")
     if any(k.startswith(XL_REFINER_PREFIX) for k in checkpoint):
         raise UserError(f"{name} looks like a Stable Diffusion XL refiner checkpoint, which is not supported yet; "
                         f"{SUPPORTED}")

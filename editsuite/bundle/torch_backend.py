@@ -63,7 +63,8 @@ class TorchBackend(ModelBackend):
         return self.text_encoder(input_ids.to(self.device), attention_mask=None)[0].float()
 
     @torch.inference_mode()
-    def encode_text_xl(self, input_ids: torch.Tensor | None, input_ids_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_text_xl(self, input_ids: torch.Tensor | None,
+                       input_ids_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """SDXL: both encoders' penultimate hidden states side by side (the refiner: the second's alone), and
         the second one's pooled, projected embedding, as diffusers' StableDiffusionXLPipeline.encode_prompt
         takes them."""

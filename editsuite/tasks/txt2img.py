@@ -40,7 +40,8 @@ class Txt2Img(Task):
             r = refiner.manifest
             if not (m.xl and r.xl):
                 raise UserError("--refiner pairs two SDXL models; both the model and the refiner must be SDXL")
-            if (r.latent_channels, r.vae_scale_factor, r.kind) != (m.latent_channels, m.vae_scale_factor, ModelKind.BASE):
+            same = (r.latent_channels, r.vae_scale_factor) == (m.latent_channels, m.vae_scale_factor)
+            if not same or r.kind is not ModelKind.BASE:
                 raise UserError(f"the refiner {r.name or ''} does not share the model's latent space; pass an SDXL "
                                 "refiner or base model")
         self.refiner = refiner
