@@ -48,3 +48,16 @@ def read_only(tmp_path, monkeypatch):
     yield folder / "existing"
     if mounted:
         subprocess.run(["umount", str(folder / "existing")], check=True)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A bf16 bundle's thread governor changes torch's process-wide thread count with the machine's load;
+    each test starts from torch's own count."""
+    import torch
+
+    from editsuite.bundle import speed
+
+    yield
+    if torch.get_num_threads() != speed._START_THREADS:
+        torch.set_num_threads(speed._START_THREADS)

@@ -136,3 +136,59 @@ def test_cache_interval_in_a_task(tmp_path, monkeypatch):
     assert cached.metadata["cache_interval"] == 3 and "cache_interval" not in plain.metadata
     a, b = (np.asarray(r.images[0], dtype=float) for r in (plain, cached))
     assert 0 < np.abs(a - b).mean() < 40  # a different picture, not a broken one
+
+
+def _spin(stop):
+    x = 0
+    while not stop.is_set():
+        x += 1
+
+
+def test_thread_governor_follows_what_other_processes_take(monkeypatch):
+    """Scripted /proc/stat samples (1 s apart, 100 ticks a second, 2 cores): another process busy on one core
+    leaves one thread, an idle machine all of them; never more than torch started with, never fewer than 1."""
+    g = speed.ThreadGovernor()
+    g.cores, g.tick, g.most = 2, 100, 2
+    samples = iter([(1.0, 180, 0.8), (2.0, 290, 1.8), (3.0, 400, 2.6)])  # (time, busy ticks, own CPU s)
+    monkeypatch.setattr(speed.ThreadGovernor, "_sample", staticmethod(lambda: next(samples)))
+    g.last = (0.0, 0, 0.0)
+    assert g.threads() == 1  # 1.8 CPU-s of busy ticks, 0.8 ours: another process held one core
+    assert g.threads() == 2  # 1.1 CPU-s busy, 1.0 ours: the others took 0.1 of a core
+    g.most = 1
+    assert g.threads() == 1 and torch.get_num_threads() == 1  # idle again (1.1 busy, 0.8 ours), but capped
+
+
+def test_thread_governor_sees_a_real_busy_process(monkeypatch):
+    """With a process spinning on one core, the governor runs one thread fewer than the machine has cores
+    (at least one); once it stops, all of them again."""
+    import multiprocessing as mp
+    import time
+
+    if speed.ThreadGovernor._sample() is None:
+        pytest.skip("no /proc/stat here")
+    g = speed.ThreadGovernor()
+    g.most = g.cores
+    stop = mp.Event()
+    spinner = mp.Process(target=_spin, args=(stop,), daemon=True)
+    spinner.start()
+    try:
+        time.sleep(0.5)
+        g.last = g._sample()
+        time.sleep(1.0)
+        assert g.threads() == max(1, g.cores - 1)
+    finally:
+        stop.set()
+        spinner.join()
+    time.sleep(0.2)
+    g.last = g._sample()
+    time.sleep(1.0)
+    assert g.threads() == g.cores
+
+
+def test_thread_governor_runs_in_the_fast_default_unless_pinned(tmp_path, monkeypatch):
+    folder = save_tiny(tmp_path / "m")
+    fast, exact = load_bundle(folder, device="cpu", dtype="bfloat16"), load_bundle(folder, device="cpu", dtype="float32")
+    assert exact.backend.governor is None  # float32 (parity) keeps torch's own threads
+    assert (fast.backend.governor is not None) == (speed.ThreadGovernor._sample() is not None)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert load_bundle(folder, device="cpu", dtype="bfloat16").backend.governor is None

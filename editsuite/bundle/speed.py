@@ -1,4 +1,4 @@
-"""What makes the PyTorch backend fast on a CPU, each piece measured by `bench/speed.py` (bench/RESULTS.md).
+"""What makes the PyTorch backend fast on a CPU, each piece measured by `bench/pieces.py` (bench/RESULTS.md).
 
 - `fast_dtype`: bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX), float16 on GPUs,
   float32 elsewhere. bf16 has fp32's range, so nothing overflows on a CPU; fp16 can (see the VAE guard in
@@ -9,18 +9,27 @@
   lives in bench/blocked_attention.py for that comparison).
 - `pack_convolutions`: torch hands oneDNN a conv's weights in PyTorch's layout at every call, and oneDNN
   reorders them into its blocked layout each time (about 0.3 s of an SD 1.5 UNet step, seen with
-  ONEDNN_VERBOSE=1). Laid out once at load, the same kernels run on them; the output is bit for bit the same.
+  ONEDNN_VERBOSE=1). Laid out once at load, the same kernels run on them; the output is bit for bit the same
+  (bench/pieces.py: a UNet step 1.14x idle, 1.08x with a core busy; the VAE, whose activations dominate,
+  gains nothing and is left as it is).
+- `ThreadGovernor`: torch runs one thread per core, and when another process keeps a core busy its threads
+  wait on each other at every parallel region; one thread is then faster (bench/pieces.py: a UNet step 1.22x
+  diffusers' with one core busy, against 1.00x for two threads). Before each UNet and VAE call the governor
+  measures how much CPU other processes took since the last call and runs as many threads as cores are free.
 - `keep_freed_memory`: glibc returns every large freed block to the kernel, so each UNet step pays about
-  140 000 page faults (0.5 GB zeroed by the kernel) to get it back; keeping freed memory for reuse saves
-  about 5 % of a step. The kept memory is handed back before the VAE runs (`release_freed_memory`), and
-  tiled VAE work runs with glibc's plain behaviour (`plain_malloc`), so neither raises the peak.
+  140 000 page faults (0.5 GB zeroed by the kernel) to get it back; keeping freed memory for reuse gives a
+  UNet step 1.07x and a 512 px VAE decode, whose blocks are larger, 1.49x (bench/pieces.py, idle). The kept
+  memory is handed back before the VAE runs (`release_freed_memory`), and tiled VAE work runs with glibc's
+  plain behaviour (`plain_malloc`), so neither raises the peak.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import sys
+import time
 
 import torch
 
@@ -75,6 +84,56 @@ def pack_convolutions(module: torch.nn.Module) -> int:
         setattr(parent, name, PackedConv2d(getattr(parent, name)))
         release_freed_memory()
     return len(where)
+
+
+_START_THREADS = torch.get_num_threads()  # torch's own choice (or the user's), before any governor changed it
+
+
+class ThreadGovernor:
+    """Sets torch's thread count before each call from the cores other processes left free since the last
+    one: /proc/stat's busy time of every process minus this process's own, over the wall time. Never more
+    threads than torch had at the start (the user's setting or one per core), never fewer than one. Linux
+    only (/proc/stat); elsewhere it leaves torch's threads alone. bf16 results depend on the thread count
+    in their last bits, so a run under load can differ from an idle one by a level on some pixels;
+    OMP_NUM_THREADS pins the count (no governor: `unless_pinned`)."""
+
+    @classmethod
+    def unless_pinned(cls) -> "ThreadGovernor | None":
+        """A governor, or None where the user pinned the thread count (OMP_NUM_THREADS) or /proc/stat is
+        not there."""
+        if os.environ.get("OMP_NUM_THREADS") or cls._sample() is None:
+            return None
+        return cls()
+
+    def __init__(self):
+        self.most = _START_THREADS
+        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.last = self._sample()
+
+    @staticmethod
+    def _sample():
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        own = os.times()
+        # user nice system idle iowait irq softirq steal: busy = all but idle and iowait
+        return time.monotonic(), sum(fields) - fields[3] - fields[4], own.user + own.system
+
+    def threads(self) -> int:
+        """The thread count for the next call (and sets it)."""
+        now = self._sample()
+        if now is None or self.last is None or now[0] - self.last[0] < 0.05:
+            return torch.get_num_threads()
+        wall = now[0] - self.last[0]
+        others = max(0.0, (now[1] - self.last[1]) / self.tick - (now[2] - self.last[2])) / wall
+        self.last = now
+        n = max(1, min(self.most, int(self.cores - others + 0.5)))
+        if n != torch.get_num_threads():
+            torch.set_num_threads(n)
+        return n
 
 
 _libc = None  # set once keep_freed_memory has tuned glibc

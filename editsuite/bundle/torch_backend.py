@@ -51,7 +51,9 @@ class TorchBackend(ModelBackend):
         self.text_encoder, self.unet_model, self.vae, self.text_encoder_2 = (
             None if m is None else _place(m, self.device, dtype) for m in (text_encoder, unet, vae, text_encoder_2))
         self.notice: str | None = None  # set when the VAE had to fall back to float32
+        self.governor = None  # the fast default's thread count that follows the machine's load
         if self.device.type == "cpu" and dtype == torch.bfloat16:  # the fast CPU default (bench/pieces.py)
+            self.governor = speed.ThreadGovernor.unless_pinned()
             speed.keep_freed_memory()
             speed.pack_convolutions(self.unet_model)
             # oneDNN's bf16 convolutions take NHWC as it is; NCHW is copied to a blocked layout and back at
@@ -79,6 +81,8 @@ class TorchBackend(ModelBackend):
     def unet(self, sample, timestep, context, class_labels=None, cache: "FeatureCache | None" = None,
              added: dict | None = None) -> torch.Tensor:
         dt = self.compute_dtype
+        if self.governor is not None:
+            self.governor.threads()
         sample, context = sample.to(dt), context.to(dt)
         extra = {} if added is None else {"added_cond_kwargs": {k: v.to(self.device, dt) for k, v in added.items()}}
         if cache is not None and cache.reuse and cache.feature is not None:
@@ -144,6 +148,8 @@ class TorchBackend(ModelBackend):
         a notice, and the call is redone, so no black or NaN picture is ever returned."""
         tiled = pixels > TILE_ABOVE_PIXELS and pixels > _tile_pixels(self.vae)
         speed.release_freed_memory()
+        if self.governor is not None:
+            self.governor.threads()
         with speed.plain_malloc() if tiled else contextlib.nullcontext():
             out = run(x.to(self.device, self.vae_dtype), tiled)
             if self.vae_dtype != torch.float32 and not torch.isfinite(out).all():
