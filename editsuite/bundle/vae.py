@@ -17,7 +17,7 @@ import torch
 
 from editsuite.errors import UserError
 
-_LDM_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+_VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")  # in both layouts
 
 
 def vae_name(source) -> str:
@@ -62,13 +62,13 @@ def load_vae(source, like_config, dtype: torch.dtype, *, allow_pickle: bool = Fa
     with _empty_weights():
         vae = AutoencoderKL.from_config(config)
     if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in checkpoint):
-        state = {k: v for k, v in checkpoint.items() if k.startswith(_LDM_PARTS)}  # diffusers' own layout
+        state = {k: v for k, v in checkpoint.items() if k.startswith(_VAE_PARTS)}  # diffusers' layout already
     else:
         from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
         prefix = "first_stage_model." if any(k.startswith("first_stage_model.") for k in checkpoint) else ""
         # only the VAE's own keys (a VAE file may carry a training loss' weights too)
-        ldm = {k: v for k, v in checkpoint.items() if k.removeprefix(prefix).startswith(_LDM_PARTS)}
+        ldm = {k: v for k, v in checkpoint.items() if k.removeprefix(prefix).startswith(_VAE_PARTS)}
         if not ldm:
             raise UserError(f"--vae {path.name} holds no VAE weights (encoder.*, decoder.*)")
         try:

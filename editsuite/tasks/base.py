@@ -178,8 +178,13 @@ class Task:
         if bundle is None and not m.refiner and getattr(self, "refiner", None) is None and scores != (None, None):
             raise UserError(f"the aesthetic scores condition SDXL's refiner, and {m.name or 'this model'} is not one; "
                             "leave them out")
-        size = lambda name: (lambda wh: wh and (wh[1], wh[0]))(P.parse_pair(getattr(v, name, None)))  # noqa: E731
-        crop = lambda name: P.parse_pair(getattr(v, name, None))  # noqa: E731 (top, left)
+        def pair(name):  # as written: WIDTHxHEIGHT or TOP,LEFT
+            return P.parse_pair(getattr(v, name, None))
+
+        def size(name):  # diffusers takes sizes as (height, width)
+            wh = pair(name)
+            return wh and (wh[1], wh[0])
+        crop = pair
         aesthetic = None
         if m.refiner:
             aesthetic = tuple(d if s is None else s for s, d in zip(scores, P.AESTHETIC_DEFAULTS))
