@@ -18,7 +18,7 @@ from editsuite import Img2Img, Inpaint, Outpaint, Txt2Img, Upscale
 
 F16, F32, I32 = 65552, 65568, 131104  # Core ML ArrayFeatureType data types
 _NUMPY = {F16: np.float16, F32: np.float32, I32: np.int32}
-_FILE = re.compile(r"^Stable_Diffusion_version_(.+)_(text_encoder|unet_chunk1|unet_chunk2|unet|vae_encoder|"
+_FILE = re.compile(r"^Stable_Diffusion_version_(.+)_(text_encoder_2|text_encoder|unet_chunk1|unet_chunk2|unet|vae_encoder|"
                    r"vae_decoder)\.mlpackage$")
 
 
@@ -72,7 +72,9 @@ def apple_contract_problems(folder: Path, *, upscaler: bool = False) -> list[str
     if len(versions) != 1:
         return [f"expected the packages of one model version, found {sorted(versions)}"]
     unet_parts = ["unet_chunk1", "unet_chunk2"] if "unet_chunk1" in found else ["unet"]
-    for c in ("text_encoder", "vae_encoder", "vae_decoder", *unet_parts):
+    xl = "text_encoder_2" in found  # SDXL (--xl-version); its refiner has the second text encoder only
+    encoders = [c for c in ("text_encoder", "text_encoder_2") if c in found] if xl else ["text_encoder"]
+    for c in (*encoders, "vae_encoder", "vae_decoder", *unet_parts):
         if c not in found:
             problems.append(f"no {c} package")
     if problems:
@@ -89,23 +91,30 @@ def apple_contract_problems(folder: Path, *, upscaler: bool = False) -> list[str
             problems.append(f"{what}: {name} has shape {shape}")
         return shape
 
-    te = _spec(found["text_encoder"]).description
-    ins, outs = _io(te.input), _io(te.output)
-    if set(ins) != {"input_ids"}:
-        problems.append(f"text_encoder: inputs {sorted(ins)}, not ['input_ids']")
-    expect("text_encoder", ins, "input_ids", (F32,), lambda s: s == [1, 77])
-    hidden = expect("text_encoder", outs, "last_hidden_state", (F32,), lambda s: len(s) == 3 and s[:2] == [1, 77])
-    expect("text_encoder", outs, "pooled_outputs", (F32,), lambda s: len(s) == 2 and s[0] == 1)
+    width, pooled = 0, None
+    for c in encoders:
+        te = _spec(found[c]).description
+        ins, outs = _io(te.input), _io(te.output)
+        if set(ins) != {"input_ids"}:
+            problems.append(f"{c}: inputs {sorted(ins)}, not ['input_ids']")
+        expect(c, ins, "input_ids", (F32,), lambda s: s == [1, 77])
+        hidden = expect(c, outs, "hidden_embeds" if xl else "last_hidden_state", (F32,),
+                        lambda s: len(s) == 3 and s[:2] == [1, 77])
+        pooled = expect(c, outs, "pooled_outputs", (F32,), lambda s: len(s) == 2 and s[0] == 1)
+        width += hidden[2] if hidden else 0  # SDXL's UNet reads both encoders' hidden states side by side
 
     first, last = (_spec(found[p]).description for p in (unet_parts[0], unet_parts[-1]))
     ins = _io(first.input)
-    allowed = {"sample", "timestep", "encoder_hidden_states"} | ({"class_labels"} if upscaler else set())
+    allowed = {"sample", "timestep", "encoder_hidden_states"} | ({"class_labels"} if upscaler else set()) \
+        | ({"time_ids", "text_embeds"} if xl else set())
     if set(ins) != allowed:
         problems.append(f"{unet_parts[0]}: inputs {sorted(ins)}, not {sorted(allowed)}")
     sample = expect(unet_parts[0], ins, "sample", (F16,), lambda s: len(s) == 4 and s[0] == 2) or [2, 4, 0, 0]
     expect(unet_parts[0], ins, "timestep", (F16,), lambda s: s == [2])
-    width = hidden[2] if hidden else None
     expect(unet_parts[0], ins, "encoder_hidden_states", (F16,), lambda s: s == [2, width, 1, 77])
+    if xl:  # the base: (original size, crop, target size); the refiner: an aesthetic score for the target
+        expect(unet_parts[0], ins, "time_ids", (F16,), lambda s: s in ([2, 6], [2, 5]))
+        expect(unet_parts[0], ins, "text_embeds", (F16,), lambda s: pooled is not None and s == [2, pooled[1]])
     expect(unet_parts[-1], _io(last.output), "noise_pred", (F16, F32), lambda s: s == [2, 4, *sample[2:]])
     if len(unet_parts) == 2:
         given = set(_io(first.output)) | set(ins)

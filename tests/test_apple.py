@@ -26,6 +26,8 @@ APPLE = {  # fixture: (the diffusers folder it was converted from, the edits tha
     "sd2v": ("sd2v", ["txt2img", "img2img"]),  # v-prediction, said by the --config folder
     "sd1-chunked": ("sd1", ["txt2img", "img2img"]),
     "sd1-6bit": ("sd1", ["txt2img", "img2img"]),
+    # SDXL (--xl-version): two text encoders, time_ids and text_embeds, a float32 VAE; inpaint: 4-channel
+    "sdxl": ("sdxl", ["txt2img", "img2img", "inpaint", "outpaint", "upscale"]),
 }
 
 
@@ -64,7 +66,7 @@ def test_what_is_read_from_apple_packages():
     assert load_bundle(FIX / "sd1", config=_source("sd1")).backend.name == "coreml"
 
 
-@pytest.mark.parametrize("fixture", ["sd1", "sd1-chunked", "inpaint9"])
+@pytest.mark.parametrize("fixture", ["sd1", "sd1-chunked", "inpaint9", "sdxl"])
 def test_backend_feeds_exactly_what_each_apple_model_describes(fixture):
     """What Core ML's predict is given, checked against each package's spec by a stand-in for MLModel."""
     StandIn.fed.clear()
@@ -73,10 +75,11 @@ def test_backend_feeds_exactly_what_each_apple_model_describes(fixture):
     for edit in APPLE[fixture][1][:3]:
         EDITS[edit](bundle, photo, mask)
     fed = {name for name, _ in StandIn.fed}
-    assert len(fed) == (5 if fixture == "sd1-chunked" else 4)  # every model it uses was called, both chunks too
+    # every model it uses was called, both chunks too, both of SDXL's text encoders
+    assert len(fed) == (5 if fixture in ("sd1-chunked", "sdxl") else 4)
 
 
-@pytest.mark.parametrize("fixture", ["sd1", "inpaint9", "sd2v", "sd1-chunked", "sd1-6bit"])
+@pytest.mark.parametrize("fixture", ["sd1", "inpaint9", "sd2v", "sd1-chunked", "sd1-6bit", "sdxl"])
 def test_contract_checker_accepts_apples_own_bundles(fixture):
     assert apple_contract_problems(FIX / fixture / "packages") == []
 
@@ -87,6 +90,28 @@ def test_verify_an_apple_bundle_against_its_source():
     assert all(c.psnr_db >= THRESHOLD_DB for c in checks), [(c.module, c.psnr_db) for c in checks]
     with pytest.raises(UserError, match="pass --against"):
         verify(FIX / "sd1" / "packages")
+
+
+def test_verify_apples_sdxl_bundle_against_its_source():
+    """Both text encoders on what SDXL's UNet reads (penultimate layer, pooled embeddings), the UNet with
+    time_ids and text_embeds, the float32 VAEs: each within Apple's 35 dB of diffusers' modules."""
+    checks = verify(FIX / "sdxl" / "packages", against=str(_source("sdxl")))
+    assert {c.module for c in checks} == {"TextEncoder", "TextEncoder2", "VAEEncoder", "VAEDecoder", "Unet"}
+    assert all(c.psnr_db >= THRESHOLD_DB for c in checks), [(c.module, c.psnr_db) for c in checks]
+
+
+def test_what_is_read_from_apples_sdxl_bundle():
+    """SDXL is recognised by the UNet's time_ids; without --config the scheduler, latent scale and both
+    tokenizers are SDXL's own (shipped with editsuite), with --config the source folder's."""
+    with_config = load_bundle(FIX / "sdxl" / "packages", config=_source("sdxl"))
+    m = with_config.manifest
+    assert (m.family.value, m.refiner, m.cross_attention_dim, m.scaling_factor) == ("sdxl", False, 64, 0.13025)
+    assert with_config.scheduler_config["_class_name"] == "EulerDiscreteScheduler"
+    assert len(with_config.tokenizer_2) == 544 and with_config.tokenizer_2.pad_token == "!"
+    bare = load_bundle(FIX / "sdxl" / "packages")
+    assert bare.manifest.xl and bare.manifest.scaling_factor == 0.13025
+    assert bare.scheduler_config["_class_name"] == "EulerDiscreteScheduler"
+    assert len(bare.tokenizer) == len(bare.tokenizer_2) == 49408 and bare.tokenizer_2.pad_token == "!"
 
 
 def _compiled_folder(tmp_path: Path) -> Path:

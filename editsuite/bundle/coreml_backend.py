@@ -83,7 +83,7 @@ class _Model:
         for name, spec in self.desc.inputs.items():
             if name not in arrays:
                 raise UserError(f"{self.path.name} takes an input {name!r} that editsuite does not provide; "
-                                "this model is not a Stable Diffusion 1.x/2.x module editsuite can run")
+                                "this model is not a Stable Diffusion (1.x, 2.x, XL) module editsuite can run")
             a = np.ascontiguousarray(np.asarray(arrays[name]), dtype=_NUMPY.get(spec.dtype, np.float32))
             if spec.shapes and a.shape not in spec.shapes:
                 allowed = " or ".join(str(list(s)) for s in spec.shapes)
@@ -117,7 +117,7 @@ class CoreMLBackend(ModelBackend):
         self.use_coreml = on_macos() if use_coreml is None else use_coreml
         load = runtime or (coreml_runtime(compute_units) if self.use_coreml else ReferenceModel)
         self.unet_parts = models.unet_parts
-        used = ["text_encoder", "vae_encoder", "vae_decoder", *self.unet_parts]
+        used = ["text_encoder", "text_encoder_2", "vae_encoder", "vae_decoder", *self.unet_parts]
         self.models = {c: _Model(c, models.paths[c], descriptions[c], load) for c in used if c in models.paths}
         self.vae_factor = vae_factor
         self.resolutions = resolutions or []
@@ -126,12 +126,14 @@ class CoreMLBackend(ModelBackend):
             self.batch = head["sample"].shape[0]
             self.context_rank = len(head["encoder_hidden_states"].shape)  # 4: Apple's (B, D, 1, 77)
             self.class_labels = "class_labels" in head
+            self.xl = "time_ids" in head  # SDXL: time_ids and text_embeds beside the context
             self.resolutions = [(s[3] * vae_factor, s[2] * vae_factor) for s in head["sample"].shapes]
 
     def _model(self, component: str) -> _Model:
         if component not in self.models:
             what = {"vae_encoder": "VAE encoder (VAEEncoder), which img2img, inpaint, outpaint and upscale need",
-                    "vae_decoder": "VAE decoder (VAEDecoder)", "text_encoder": "text encoder (TextEncoder)"}
+                    "vae_decoder": "VAE decoder (VAEDecoder)", "text_encoder": "text encoder (TextEncoder)",
+                    "text_encoder_2": "second text encoder (TextEncoder2)"}
             raise UserError(f"{self.folder} has no {what.get(component, component)}; convert it with "
                             f"`editsuite convert MODEL -o {self.folder}` (or Apple's converter with "
                             f"--convert-{component.replace('_', '-')})")
@@ -143,16 +145,29 @@ class CoreMLBackend(ModelBackend):
             raise UserError(f"this Core ML bundle was converted for {sizes}, not {width}x{height}; pick one of "
                             f"those sizes or convert again with --resolution {width}x{height}")
 
+    def _encode(self, component: str, input_ids: torch.Tensor, *outputs: str) -> list[torch.Tensor]:
+        """Each row of token ids through one text encoder (Apple's take one prompt a call): the first of
+        `outputs` it gives, then the pooled output if asked for."""
+        te = self._model(component)
+        name, hidden = _first(te.desc), te.output(*outputs)
+        wanted = [hidden] + (["pooled_outputs"] if "pooled_outputs" in outputs else [])
+        rows = [te.run(**{name: row[None].numpy()}) for row in input_ids]
+        return [_tensor(np.concatenate([r[k] for r in rows])) for k in wanted]
+
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        te = self._model("text_encoder")
-        name, out = _first(te.desc), te.output("last_hidden_state", "hidden_embeds")
-        return _tensor(np.concatenate([te.run(**{name: row[None].numpy()})[out] for row in input_ids]))
+        return self._encode("text_encoder", input_ids, "last_hidden_state", "hidden_embeds")[0]
+
+    def encode_text_xl(self, input_ids: torch.Tensor | None,
+                       input_ids_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `TorchBackend.encode_text_xl`, from Apple's `--xl-version` encoders: `hidden_embeds` are the
+        penultimate layer, TextEncoder2's `pooled_outputs` the projected pooled embedding."""
+        hidden, pooled = self._encode("text_encoder_2", input_ids_2, "hidden_embeds", "pooled_outputs")
+        if input_ids is not None:  # the refiner has the second encoder only
+            hidden = torch.cat([self._encode("text_encoder", input_ids, "hidden_embeds")[0], hidden], dim=-1)
+        return hidden, pooled
 
     def feature_cache(self) -> None:
         return None  # a converted UNet runs whole: no deep features to reuse
-
-    def encode_text_xl(self, input_ids, input_ids_2):
-        raise UserError("SDXL runs on the PyTorch backend so far")  # bundles with TextEncoder2 are refused at load
 
     def unet(self, sample, timestep, context, class_labels=None, cache=None, added=None) -> torch.Tensor:
         n = sample.shape[0]
@@ -170,6 +185,8 @@ class CoreMLBackend(ModelBackend):
                       "encoder_hidden_states": context[idx].float().numpy()}
             if self.class_labels:
                 arrays["class_labels"] = labels[idx].numpy()
+            if self.xl:
+                arrays |= {k: added[k][idx].float().numpy() for k in ("time_ids", "text_embeds")}
             outs.append(_tensor(self._run_unet(arrays))[: min(self.batch, n - i)])
         return torch.cat(outs)
 
@@ -235,19 +252,22 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _tokenizer(root: Path, models: Models, cfg: _Config | None, width: int):
-    """editsuite's tokenizer/ > the config folder's > vocab.json and merges.txt beside the models (what
-    Apple's Swift pipeline reads) > the CLIP tokenizer editsuite ships (SD 1.x for width 768, 2.x else)."""
+def _tokenizer(root: Path, models: Models, cfg: _Config | None, *, v2: bool = False, xl: int = 0):
+    """editsuite's tokenizer/ (SDXL's second: tokenizer_2/) > the config folder's > vocab.json and merges.txt
+    beside the models (what Apple's Swift pipeline reads, for both SDXL encoders) > the CLIP tokenizer
+    editsuite ships (SD 1.x, SD 2.x or SDXL's)."""
     from transformers import CLIPTokenizer
 
-    pad = "!" if width == 1024 else "<|endoftext|>"  # SD 2.x pads with "!", as diffusers' SD 2 tokenizer
-    for folder in (root / "tokenizer", cfg.folder / "tokenizer" if cfg else None):
+    # OpenCLIP's tokenizers (SD 2.x, SDXL's second) pad with "!", as diffusers' do
+    pad = "!" if v2 or xl == 2 else "<|endoftext|>"
+    sub = "tokenizer_2" if xl == 2 else "tokenizer"
+    for folder in (root / sub, cfg.folder / sub if cfg else None):
         if folder is not None and folder.is_dir():
             return CLIPTokenizer.from_pretrained(folder)
     for folder in dict.fromkeys((root, models.folder)):
         if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
             return CLIPTokenizer.from_pretrained(folder, model_max_length=77, pad_token=pad)
-    return CLIPTokenizer.from_pretrained(_CONFIGS / ("sd-v2" if width == 1024 else "sd-v1") / "tokenizer")
+    return CLIPTokenizer.from_pretrained(_CONFIGS / ("sdxl-base" if xl else "sd-v2" if v2 else "sd-v1") / sub)
 
 
 def _weights(path: Path) -> Path | None:
@@ -278,9 +298,6 @@ def load_coreml_bundle(folder: str | Path, *, compute_units: str = "all", config
         raise UserError(f"{root} holds no Core ML models named as Apple's tools name them "
                         "(Stable_Diffusion_version_*_unet.mlpackage, or Unet.mlmodelc); make a bundle with "
                         "`editsuite convert MODEL -o OUT`")
-    if "text_encoder_2" in models.paths:
-        raise UserError(f"{models.folder} is an SDXL Core ML bundle (it has TextEncoder2); editsuite runs SDXL on "
-                        "the PyTorch backend so far: pass the diffusers folder or .safetensors file it came from")
     use = on_macos() if use_coreml is None else use_coreml
     if models.compiled and not use and runtime is None:
         raise UserError(f"{models.folder} holds compiled Core ML models (.mlmodelc), which run only on macOS; "
@@ -294,7 +311,7 @@ def load_coreml_bundle(folder: str | Path, *, compute_units: str = "all", config
     for name in ("sample", "timestep", "encoder_hidden_states") if models.unet_parts else ():
         if name not in head.inputs or (name != "timestep" and len(head.inputs[name].shape) not in (3, 4)):
             raise UserError(f"{models.paths[models.unet_parts[0]].name} has no {name} input of the shape a Stable "
-                            "Diffusion UNet takes; editsuite runs SD 1.x/2.x UNets")
+                            "Diffusion UNet takes; editsuite runs SD 1.x, 2.x and XL UNets")
     meta = head.metadata
     cfg = _Config(config) if config is not None else None
     vae_factor = _vae_factor(descs, meta)
@@ -313,13 +330,16 @@ def load_coreml_bundle(folder: str | Path, *, compute_units: str = "all", config
         sample, ctx = head.inputs["sample"].shape, head.inputs["encoder_hidden_states"].shape
         decoder = descs.get("vae_decoder")
         latent = decoder.inputs[_first(decoder)].shape[1] if decoder else 4
-        scheduler = cfg.scheduler if cfg else _read_json(
-            _CONFIGS / ("sd-v2" if pred == "v_prediction" else "sd-v1") / "scheduler" / "scheduler_config.json")
-        scale = (cfg.latent_scale if cfg else None) or float(meta.get(META_LATENT_SCALE, 0.18215))
+        xl = "time_ids" in head.inputs  # Apple's --xl-version UNet; a refiner's time ids hold 5 numbers, not 6
+        refiner = xl and head.inputs["time_ids"].shape[-1:] == (5,)
+        defaults = _CONFIGS / ("sdxl-base" if xl else "sd-v2" if pred == "v_prediction" else "sd-v1")
+        scheduler = cfg.scheduler if cfg else _read_json(defaults / "scheduler" / "scheduler_config.json")
+        scale = (cfg.latent_scale if cfg else None) or float(meta.get(META_LATENT_SCALE, 0.13025 if xl else 0.18215))
         upscaler = "class_labels" in head.inputs
         unet_config = {"in_channels": sample[1], "sample_size": max(sample[2], sample[3]),
                        "cross_attention_dim": ctx[1] if len(ctx) == 4 else ctx[-1],
-                       "num_class_embeds": 1000 if upscaler else None}
+                       "num_class_embeds": 1000 if upscaler else None,
+                       "addition_embed_type": "text_time" if xl else None}
         vae_config = {"latent_channels": latent, "scaling_factor": scale,
                       "block_out_channels": [0] * (int(math.log2(vae_factor)) + 1)}
         weights = _weights(models.paths[models.unet_parts[0]])
@@ -327,7 +347,9 @@ def load_coreml_bundle(folder: str | Path, *, compute_units: str = "all", config
             unet_config, vae_config, {**scheduler, "prediction_type": pred},
             name=models.model_version or root.name, model_hash=file_hash(weights) if weights else "",
             source=str(root.resolve()),
-            max_noise_level=int((cfg.index if cfg else {}).get("max_noise_level", 350)) if upscaler else None)
+            max_noise_level=int((cfg.index if cfg else {}).get("max_noise_level", 350)) if upscaler else None,
+            force_zeros_for_empty_prompt=bool((cfg.index if cfg else {}).get("force_zeros_for_empty_prompt", True)),
+            requires_aesthetics_score=refiner)
     scheduler = {**scheduler, "prediction_type": manifest.prediction_type}
 
     low_res = None
@@ -340,7 +362,12 @@ def load_coreml_bundle(folder: str | Path, *, compute_units: str = "all", config
     resolutions = [tuple(r) for r in data["settings"]["resolutions"]] if data is not None else None
     backend = CoreMLBackend(models, descs, vae_factor=vae_factor, resolutions=resolutions,
                             compute_units=compute_units, use_coreml=use_coreml, runtime=runtime)
-    bundle = ModelBundle(manifest=manifest, tokenizer=_tokenizer(root, models, cfg, manifest.cross_attention_dim),
-                         backend=backend, scheduler_config=scheduler, low_res_scheduler=low_res)
+    if manifest.xl:
+        tokenizers = {"tokenizer": None if manifest.refiner else _tokenizer(root, models, cfg, xl=1),
+                      "tokenizer_2": _tokenizer(root, models, cfg, xl=2)}
+    else:
+        tokenizers = {"tokenizer": _tokenizer(root, models, cfg, v2=manifest.cross_attention_dim == 1024)}
+    bundle = ModelBundle(manifest=manifest, backend=backend, scheduler_config=scheduler, low_res_scheduler=low_res,
+                         **tokenizers)
     bundle.notice = None if backend.use_coreml or runtime is not None else OFF_MAC_NOTICE
     return bundle

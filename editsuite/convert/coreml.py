@@ -2,13 +2,14 @@
 
 OUT/
   Stable_Diffusion_version_<V>_text_encoder.mlpackage   input_ids (1, 77) float32 -> last_hidden_state,
-                                                         pooled_outputs
+                                                         pooled_outputs (SDXL: hidden_embeds, pooled_outputs)
+  Stable_Diffusion_version_<V>_text_encoder_2.mlpackage SDXL's second text encoder (OpenCLIP), the same I/O
   Stable_Diffusion_version_<V>_unet.mlpackage           or _unet_chunk1/_unet_chunk2 with --chunk-unet
   Stable_Diffusion_version_<V>_vae_encoder.mlpackage    x -> latent
   Stable_Diffusion_version_<V>_vae_decoder.mlpackage    z -> image
   vocab.json, merges.txt     the CLIP tokenizer as Apple's Swift pipeline reads it
   coreml-manifest.json       what the bundle is: the model's identity, the settings, the packages
-  tokenizer/, scheduler/ (and low_res_scheduler/ for the x4 upscaler)
+  tokenizer/ (SDXL: and tokenizer_2/), scheduler/ (and low_res_scheduler/ for the x4 upscaler)
   Resources/*.mlmodelc       with --compile (macOS): what Apple's Swift CLI and Mochi Diffusion open
 
 <V> is the model version (`--model-version`, default the model's name), as Apple's converter and Python
@@ -49,6 +50,9 @@ WEIGHT_THRESHOLD = 2048  # smaller constants (norms, biases) stay fp16, as corem
 DESCRIPTIONS = {
     "input_ids": "CLIP token ids as float32, padded to 77",
     "last_hidden_state": "text encoder hidden states (the UNet's context)",
+    "hidden_embeds": "the text encoder's penultimate hidden states (SDXL's UNet context)",
+    "time_ids": "SDXL size conditioning: original size, crop top-left, target size (refiner: aesthetic score)",
+    "text_embeds": "the second text encoder's pooled, projected embedding (SDXL)",
     "pooled_outputs": "text encoder output pooled at the end-of-text token",
     "sample": "noisy latents, with the model's extra channels (mask, masked-image latents or low-res image)",
     "timestep": "diffusion timestep, one per batch item",
@@ -62,8 +66,10 @@ DESCRIPTIONS = {
     "x": "pixels in [-1, 1], RGB",
     "z": "unscaled latents (divide scaled latents by the scaling factor first)",
 }
-# inputs Apple's pipelines pass as fp16 (its Python pipeline refuses any other dtype); the rest are float32
-HALF_INPUTS = {"sample", "timestep", "encoder_hidden_states", "x", "z"}
+# inputs Apple's pipelines pass as fp16 (its Python pipeline refuses any other dtype); the rest are float32,
+# as are the VAE's inputs for SDXL, whose VAE overflows fp16 (Apple converts it so, computing in float32)
+HALF_INPUTS = {"sample", "timestep", "encoder_hidden_states", "time_ids", "text_embeds", "x", "z"}
+FLOAT32_VAE_INPUTS = {"x", "z"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,9 +106,10 @@ def check_resolutions(resolutions, vae_factor: int, down: int) -> None:
                             f"downsampling {2**down}); use e.g. {w // step * step or step}x{h // step * step or step}")
 
 
-def parts(chunk_unet: bool) -> dict[str, list[str]]:
-    """The packages of each component, by Apple's component names."""
-    return {"text_encoder": ["text_encoder"], "unet": ["unet_chunk1", "unet_chunk2"] if chunk_unet else ["unet"],
+def parts(chunk_unet: bool, xl: bool = False) -> dict[str, list[str]]:
+    """The packages of each component, by Apple's component names (SDXL's text encoder component is both of
+    its encoders; a refiner has the second alone, `_spec` skips what the model lacks)."""
+    return {"text_encoder": ["text_encoder", "text_encoder_2"] if xl else ["text_encoder"], "unet": ["unet_chunk1", "unet_chunk2"] if chunk_unet else ["unet"],
             "vae_encoder": ["vae_encoder"], "vae_decoder": ["vae_decoder"]}
 
 
@@ -120,7 +127,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 def _spec(bundle, name: str, settings: Settings):
     """(torch module, example inputs, per-resolution shapes of the varying inputs) for one package."""
-    from editsuite.convert.modules import TextEncoder, Unet, VAEDecoder, VAEEncoder
+    from editsuite.convert.modules import TextEncoder, TextEncoderXL, Unet, VAEDecoder, VAEEncoder
 
     b, m = bundle.backend, bundle.manifest
     f = m.vae_scale_factor
@@ -128,7 +135,10 @@ def _spec(bundle, name: str, settings: Settings):
     pix = [(h, w) for w, h in settings.resolutions]
     g = torch.Generator().manual_seed(0)
     if name == "text_encoder":
-        return TextEncoder(b.text_encoder), {"input_ids": torch.zeros(1, 77)}, None
+        module = TextEncoderXL(b.text_encoder) if m.xl else TextEncoder(b.text_encoder)
+        return module, {"input_ids": torch.zeros(1, 77)}, None
+    if name == "text_encoder_2":
+        return TextEncoderXL(b.text_encoder_2), {"input_ids": torch.zeros(1, 77)}, None
     if name == "vae_encoder":
         return VAEEncoder(b.vae), {"x": torch.zeros(1, 3, *pix[0])}, {"x": [(1, 3, *p) for p in pix]}
     if name == "vae_decoder":
@@ -140,6 +150,13 @@ def _spec(bundle, name: str, settings: Settings):
     head = {"sample": torch.randn(n, m.unet_in_channels, *lat[0], generator=g),
             "timestep": torch.full((n,), 500.0),
             "encoder_hidden_states": torch.randn(n, m.cross_attention_dim, 1, 77, generator=g)}
+    if module.xl:
+        config = b.unet_model.config
+        side = float(m.native_resolution)  # original size, crop top-left, target size (refiner: a score)
+        time_ids = [side, side, 0.0, 0.0] + ([6.0] if m.refiner else [side, side])
+        head["time_ids"] = torch.tensor([time_ids] * n)
+        pooled = config.projection_class_embeddings_input_dim - config.addition_time_embed_dim * len(time_ids)
+        head["text_embeds"] = torch.randn(n, pooled, generator=g)
     if "class_labels" in module.inputs:
         head["class_labels"] = torch.full((n,), 20, dtype=torch.int32)
     if part != 2:
@@ -160,7 +177,8 @@ def _spec(bundle, name: str, settings: Settings):
 
 
 def _convert_one(ct, module, inputs: dict, varying: dict | None, outputs: tuple[str, ...], bits: int | None,
-                 description: str, metadata: dict[str, str], model_version: str):
+                 description: str, metadata: dict[str, str], model_version: str, float32: bool = False):
+    """`float32`: inputs and compute in float32 (SDXL's VAE, which overflows fp16, as Apple converts it)."""
     module = module.eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shapes taken as constants: intended here
@@ -173,12 +191,12 @@ def _convert_one(ct, module, inputs: dict, varying: dict | None, outputs: tuple[
             shape = ct.EnumeratedShapes(shapes=[list(s) for s in shapes], default=list(value.shape))
         else:
             shape = tuple(value.shape)
-        ct_inputs.append(ct.TensorType(name=name, shape=shape, dtype=_input_dtype(name, value)))
+        ct_inputs.append(ct.TensorType(name=name, shape=shape, dtype=_input_dtype(name, value, float32)))
     with _fast_fp16_overflow_check():
         mlmodel = ct.convert(
             # outputs float32, as Apple's packages give them (Swift and Python read them as Float32)
             traced, inputs=ct_inputs, outputs=[ct.TensorType(name=o, dtype=np.float32) for o in outputs],
-            convert_to="mlprogram", compute_precision=ct.precision.FLOAT16,
+            convert_to="mlprogram", compute_precision=ct.precision.FLOAT32 if float32 else ct.precision.FLOAT16,
             # Core ML allows enumerated shapes on several inputs (chunk 2 at several sizes) from macOS 15 on
             minimum_deployment_target=ct.target.macOS15 if n_varying > 1 else ct.target.macOS13,
             skip_model_load=True)
@@ -223,10 +241,15 @@ def _fast_fp16_overflow_check():
         FP16ComputePrecision.fp16_overflow = original
 
 
-def _input_dtype(name: str, value: torch.Tensor):
+def _input_dtype(name: str, value: torch.Tensor, float32: bool = False):
     if value.dtype in (torch.int32, torch.int64):
         return np.int32
-    return np.float16 if name in HALF_INPUTS else np.float32
+    return np.float16 if name in HALF_INPUTS and not float32 else np.float32
+
+
+def _float32(bundle, name: str) -> bool:
+    """SDXL's VAE runs in float32 (its fp16 decode overflows, as diffusers' `force_upcast` says)."""
+    return bundle.manifest.xl and name.startswith("vae_")
 
 
 def compress(mlmodel, bits: int):
@@ -294,9 +317,9 @@ def convert(source, out: str | os.PathLike, *, resolutions=(), attention: str = 
     bundle = load_bundle(source, backend="torch", device="cpu", dtype="float32", allow_pickle=allow_pickle,
                          modules=frozenset(_MODULE_OF[p] for p in wanted))
     m = bundle.manifest
-    if m.xl:
-        raise UserError(f"{source} is an SDXL model; editsuite converts SD 1.x/2.x models to Core ML so far (SDXL "
-                        "runs on the PyTorch backend)")
+    if m.xl:  # both text encoders; the refiner has the second only
+        wanted = [p for c in (components or COMPONENTS) for p in parts(chunk_unet, xl=True)[c]
+                  if not (p == "text_encoder" and bundle.backend.text_encoder is None)]
     native = (m.native_resolution, m.native_resolution)
     # Apple's Python pipeline finds packages by the hub id or folder it loads the tokenizer from: a hub id
     # is kept as the model version, anything else gives its name
@@ -333,9 +356,10 @@ def convert(source, out: str | os.PathLike, *, resolutions=(), attention: str = 
         say(f"{SWIFT_NAMES[name]}: tracing and converting")
         module, inputs, varying = _spec(bundle, name, settings)
         outputs = module.outputs
+        float32 = _float32(bundle, name)
         mlmodel = _convert_one(ct, module, inputs, varying, outputs, quantize_bits,
                                f"{m.name or 'model'} {SWIFT_NAMES[name]} ({m.kind.value}), converted by editsuite",
-                               metadata, version)
+                               metadata, version, float32)
         split = getattr(module, "split", None)
         del module
         _drop_unneeded(bundle, wanted[i + 1:])  # before saving: the save need not hold the torch weights too
@@ -347,7 +371,7 @@ def convert(source, out: str | os.PathLike, *, resolutions=(), attention: str = 
         os.replace(tmp, path)
         manifest["packages"][name] = {
             "file": file,
-            "inputs": {k: {"shape": list(v.shape), "dtype": np.dtype(_input_dtype(k, v)).name,
+            "inputs": {k: {"shape": list(v.shape), "dtype": np.dtype(_input_dtype(k, v, float32)).name,
                            "shapes": [list(s) for s in (varying or {}).get(k, [])]} for k, v in inputs.items()},
             "outputs": list(outputs),
             "size_bytes": _size(path),
@@ -376,7 +400,7 @@ def package_complete(path: Path) -> bool:
 def owned_names(manifest: dict) -> list[str]:
     """What editsuite wrote in a bundle folder, by its manifest: the packages it lists and the support files
     (paths relative to the folder). Anything else there is the user's."""
-    names = [MANIFEST, "tokenizer", "scheduler", "low_res_scheduler", "vocab.json", "merges.txt"]
+    names = [MANIFEST, "tokenizer", "tokenizer_2", "scheduler", "low_res_scheduler", "vocab.json", "merges.txt"]
     packages = manifest.get("packages") if isinstance(manifest.get("packages"), dict) else {}
     for key, entry in packages.items():
         file = entry.get("file") if isinstance(entry, dict) else None
@@ -410,9 +434,9 @@ def _swap_in(staging: Path, out: Path, old: dict) -> None:
             os.replace(staging / name, out / name)
 
 
-_MODULE_OF = {"text_encoder": "text_encoder", "unet": "unet", "unet_chunk1": "unet", "unet_chunk2": "unet",
+_MODULE_OF = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder", "unet": "unet", "unet_chunk1": "unet", "unet_chunk2": "unet",
               "vae_encoder": "vae", "vae_decoder": "vae"}
-_ATTRIBUTE = {"text_encoder": "text_encoder", "unet": "unet_model", "vae": "vae"}  # on the torch backend
+_ATTRIBUTES = {"text_encoder": ("text_encoder", "text_encoder_2"), "unet": ("unet_model",), "vae": ("vae",)}
 
 
 def _drop_unneeded(bundle, remaining: list[str]) -> None:
@@ -420,8 +444,9 @@ def _drop_unneeded(bundle, remaining: list[str]) -> None:
     import gc
 
     needed = {_MODULE_OF[p] for p in remaining}
-    for module in set(_ATTRIBUTE) - needed:
-        setattr(bundle.backend, _ATTRIBUTE[module], None)
+    for module in set(_ATTRIBUTES) - needed:
+        for attribute in _ATTRIBUTES[module]:  # on the torch backend
+            setattr(bundle.backend, attribute, None)
     gc.collect()
 
 
@@ -465,12 +490,16 @@ def write_vocab_and_merges(tokenizer, folder: Path) -> None:
 
 def _write_support_files(bundle, out: Path) -> None:
     """Written anew on every run (they are small), each folder complete before it replaces the old one."""
-    staging = out / ".tokenizer.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    bundle.tokenizer.save_pretrained(staging)
-    shutil.rmtree(out / "tokenizer", ignore_errors=True)
-    os.replace(staging, out / "tokenizer")
-    write_vocab_and_merges(bundle.tokenizer, out)
+    for folder, tokenizer in (("tokenizer", bundle.tokenizer), ("tokenizer_2", bundle.tokenizer_2)):
+        if tokenizer is None:  # SD 1.x/2.x have no second tokenizer; SDXL's refiner no first
+            continue
+        staging = out / f".{folder}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        tokenizer.save_pretrained(staging)
+        shutil.rmtree(out / folder, ignore_errors=True)
+        os.replace(staging, out / folder)
+    # Apple's Swift pipeline reads one vocabulary for both SDXL encoders (theirs are the same)
+    write_vocab_and_merges(bundle.tokenizer or bundle.tokenizer_2, out)
     (out / "scheduler").mkdir(exist_ok=True)
     _write_json(out / "scheduler" / "scheduler_config.json", dict(bundle.scheduler_config))
     if bundle.low_res_scheduler is not None:

@@ -3,9 +3,11 @@
 The inputs and outputs are those of Apple's converter (ml-stable-diffusion), so that Apple's pipelines
 and the apps built on them run editsuite's packages:
 - `TextEncoder`: input_ids (1, 77) float32 -> last_hidden_state (1, 77, D), pooled_outputs (1, D)
-- `Unet`: sample (2, C_in, h, w), timestep (2,), encoder_hidden_states (2, D, 1, 77) [, class_labels (2,)
-  int32 for the x4 upscaler, which Apple's tools do not run] -> noise_pred (2, 4, h, w). Built on the ANE
-  rewrites; optionally one of two chunks.
+- `TextEncoderXL` (SDXL, `TextEncoder` and `TextEncoder2`): input_ids -> hidden_embeds (the penultimate
+  layer, what SDXL's UNet reads), pooled_outputs (the first encoder's pooled output; the second's projected one)
+- `Unet`: sample (2, C_in, h, w), timestep (2,), encoder_hidden_states (2, D, 1, 77) [, time_ids (2, 6 or 5)
+  and text_embeds (2, P) for SDXL] [, class_labels (2,) int32 for the x4 upscaler, which Apple's tools do not
+  run] -> noise_pred (2, 4, h, w). Built on the ANE rewrites; optionally one of two chunks.
 - `VAEEncoder`: x (1, 3, H, W) in [-1, 1] -> latent (1, 8, h, w): mean and log-variance
 - `VAEDecoder`: z (1, 4, h, w), unscaled latents -> image (1, 3, H, W)
 
@@ -72,6 +74,23 @@ class TextEncoder(nn.Module):
         return hidden, pooled
 
 
+class TextEncoderXL(nn.Module):
+    """SDXL's text encoders as Apple's converter gives them (`--xl-version`): the penultimate hidden states,
+    and the pooled output (for the second encoder, `CLIPTextModelWithProjection`, the projected one)."""
+
+    inputs = ("input_ids",)
+    outputs = ("hidden_embeds", "pooled_outputs")
+
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.model = text_encoder
+
+    def forward(self, input_ids):
+        out = self.model(input_ids.long(), output_hidden_states=True)
+        pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+        return out.hidden_states[-2], pooled
+
+
 class VAEEncoder(nn.Module):
     inputs = ("x",)
     outputs = ("latent",)
@@ -130,9 +149,11 @@ class Unet(nn.Module):
         self.part = part
         self.split = chunk_split(unet) if split is None else split
         self.class_labels = unet.config.num_class_embeds is not None or unet.config.class_embed_type is not None
+        self.xl = unet.config.addition_embed_type == "text_time"
         n_res = 1 + sum(len(b.resnets) + (1 if b.downsamplers else 0) for b in unet.down_blocks)
         self.n_left = n_res - sum(len(b.resnets) for b in unet.up_blocks[: self.split])
-        head = ["sample", "timestep", "encoder_hidden_states"] + (["class_labels"] if self.class_labels else [])
+        head = ["sample", "timestep", "encoder_hidden_states"] + (["time_ids", "text_embeds"] if self.xl else []) \
+            + (["class_labels"] if self.class_labels else [])
         left = [f"res_{i}" for i in range(self.n_left)]
         if part is None:
             self.inputs, self.outputs = tuple(head), ("noise_pred",)
@@ -141,11 +162,15 @@ class Unet(nn.Module):
         else:
             self.inputs, self.outputs = ("hidden_states", "temb", "encoder_hidden_states", *left), ("noise_pred",)
 
-    def _embed(self, sample, timestep, class_labels):
-        """The time (and class) embedding at rank 4, (B, C, 1, 1), as the rewritten resnets take it: one
-        reshape here instead of one per resnet."""
+    def _embed(self, sample, timestep, class_labels, added=None):
+        """The time (and class, or SDXL's size and pooled text) embedding at rank 4, (B, C, 1, 1), as the
+        rewritten resnets take it: one reshape here instead of one per resnet."""
         u = self.unet
         emb = u.time_embedding(u.time_proj(timestep).to(sample.dtype)[:, :, None, None])
+        if added is not None:  # SDXL, as diffusers' get_aug_embed: [text_embeds, sinusoids of time_ids]
+            time_ids, text_embeds = added
+            sizes = u.add_time_proj(time_ids.flatten()).reshape(text_embeds.shape[0], -1)
+            emb = emb + u.add_embedding(torch.cat([text_embeds, sizes], dim=-1).to(sample.dtype)[:, :, None, None])
         if u.class_embedding is not None:
             if u.config.class_embed_type == "timestep":
                 labels = u.class_embedding(u.time_proj(class_labels).to(sample.dtype)[:, :, None, None])
@@ -164,9 +189,9 @@ class Unet(nn.Module):
                 x = block(hidden_states=x, temb=emb, res_hidden_states_tuple=skip)
         return x, res
 
-    def _head(self, sample, timestep, ctx, class_labels):
+    def _head(self, sample, timestep, ctx, class_labels, added=None):
         u = self.unet
-        emb = self._embed(sample, timestep, class_labels)
+        emb = self._embed(sample, timestep, class_labels, added)
         x = u.conv_in(sample)
         res = (x,)
         for block in u.down_blocks:
@@ -191,7 +216,8 @@ class Unet(nn.Module):
             x, _ = self._up(x, emb, ctx, tuple(res), u.up_blocks[self.split:])
             return self._tail(x)
         sample, timestep, ctx = args[:3]
-        x, emb, res = self._head(sample, timestep, ctx, args[3] if self.class_labels else None)
+        added = tuple(args[3:5]) if self.xl else None
+        x, emb, res = self._head(sample, timestep, ctx, args[-1] if self.class_labels else None, added)
         if self.part == 1:
             x, res = self._up(x, emb, ctx, res, u.up_blocks[: self.split])
             return (x, emb, *res)

@@ -5,6 +5,8 @@ program computes in fp16 (as on device), fed through the Core ML backend exactly
 each resolution of the bundle, on the same inputs as the original diffusers/transformers module at fp32;
 the PSNR (peak: the largest magnitude of the reference output) is reported per module, the worst over
 resolutions and outputs. A chunked UNet is verified chained: chunk 1 then chunk 2, against the whole UNet.
+SDXL's text encoders are checked on what its UNet reads (the penultimate layer, the pooled embeddings), its
+UNet with the pooled text embedding and size conditioning beside the context.
 """
 
 from __future__ import annotations
@@ -65,10 +67,19 @@ def verify(out: str | Path, against: str | None = None, *, fp16: bool = True) ->
     ref = load_bundle(source, backend="torch", device="cpu", dtype="float32")
     b, m, cb = ref.backend, ref.manifest, coreml.backend
     g = torch.Generator().manual_seed(0)
-    ids = ref.tokenizer(["", "a red circle on a blue background"], padding="max_length", max_length=77,
-                        truncation=True, return_tensors="pt").input_ids
+    prompts = ["", "a red circle on a blue background"]
+    tokenize = lambda tokenizer: None if tokenizer is None else tokenizer(  # noqa: E731
+        prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    ids, ids_2 = tokenize(ref.tokenizer), tokenize(ref.tokenizer_2)
+    added = None
     with torch.no_grad():
-        context = b.text_encoder(ids, return_dict=False)[0].float()
+        if m.xl:
+            context, pooled = b.encode_text_xl(ids, ids_2)
+            side = float(m.native_resolution)  # original size, crop, target size (the refiner: a score)
+            time_ids = [side, side, 0.0, 0.0] + ([6.0] if m.refiner else [side, side])
+            added = {"text_embeds": pooled, "time_ids": torch.tensor([time_ids] * 2)}
+        else:
+            context = b.text_encoder(ids, return_dict=False)[0].float()
     checks: list[Check] = []
 
     def check(components: list[str], pairs) -> None:
@@ -85,18 +96,23 @@ def verify(out: str | Path, against: str | None = None, *, fp16: bool = True) ->
                 ops[k] = ops.get(k, 0) + v
         checks.append(Check("+".join(SWIFT_NAMES[c] for c in components), worst, labels, ops))
 
-    if "text_encoder" in cb.models:
-        te = cb.models["text_encoder"]
+    for component, encoder, tokens in (("text_encoder", b.text_encoder, ids), ("text_encoder_2", b.text_encoder_2, ids_2)):
+        if component not in cb.models:
+            continue
+        te = cb.models[component]
         name = next(iter(te.desc.inputs))
         with torch.no_grad():
-            expected = b.text_encoder(ids[1:], return_dict=False)[:2]
+            out = encoder(tokens[1:], output_hidden_states=True)
+        # in the order of the package's outputs: hidden states (SDXL: the penultimate layer), then pooled
+        expected = [out.hidden_states[-2] if m.xl else out.last_hidden_state,
+                    out.text_embeds if component == "text_encoder_2" else out.pooler_output]
 
-        def run_te():
-            got = te.run(**{name: ids[1:].numpy()})
+        def run_te(te=te, name=name, tokens=tokens):
+            got = te.run(**{name: tokens[1:].numpy()})
             return [torch.from_numpy(got[k]).float() for k in te.desc.outputs if k in ("last_hidden_state",
                                                                                      "hidden_embeds",
                                                                                      "pooled_outputs")]
-        check(["text_encoder"], [("77 tokens", expected, run_te)])
+        check([component], [("77 tokens", expected, run_te)])
     sizes = cb.resolutions
     f = m.vae_scale_factor
     if "vae_encoder" in cb.models:
@@ -119,9 +135,11 @@ def verify(out: str | Path, against: str | None = None, *, fp16: bool = True) ->
         sample = torch.randn(2, m.unet_in_channels, h // f, w // f, generator=g)
         t = torch.tensor([999.0, 999.0] if i == 0 else [500.0, 500.0])
         labels = torch.tensor([20, 20]) if m.kind.value == "x4-upscaler" else None
+        extra = {} if added is None else {"added_cond_kwargs": added}
         with torch.no_grad():
-            expected = b.unet_model(sample, t, context, class_labels=labels).sample
-        pairs.append((f"{w}x{h}", [expected], lambda s=sample, t=t, lb=labels: [cb.unet(s, t, context, lb)]))
+            expected = b.unet_model(sample, t, context, class_labels=labels, **extra).sample
+        pairs.append((f"{w}x{h}", [expected],
+                      lambda s=sample, t=t, lb=labels: [cb.unet(s, t, context, lb, added=added)]))
     if cb.unet_parts:
         check(cb.unet_parts, pairs)
     return checks
