@@ -2,6 +2,9 @@
 here; conversion cost does not depend on the values).
 
     python bench/coreml_convert.py [--work build/bench-coreml] [--bits 16 8 6] [--resolution 512x512]
+    python bench/coreml_convert.py --family sdxl --modules unet --bits 16 --resolution 1024x1024
+
+`--family sdxl` converts SDXL base's architecture with random weights (bench/sdxl.py makes it) instead.
 
 Each module is converted in its own process, so its wall time and peak memory (max RSS) are its own. For
 each module and bit width the script prints wall time, peak memory, the number of non-constant ops in the
@@ -75,6 +78,7 @@ def main() -> None:
     ap.add_argument("--attention", default="split-einsum")
     ap.add_argument("--modules", nargs="+", default=list(MODULES))
     ap.add_argument("--tag", default="", help="a suffix for the output folders (to keep runs apart)")
+    ap.add_argument("--family", choices=("sd15", "sdxl"), default="sd15")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -82,7 +86,12 @@ def main() -> None:
     if args.one:
         return one(args)
     model = args.work / "sd15-random"
-    if not (model / "model_index.json").is_file():
+    if args.family == "sdxl":
+        sys.path.insert(0, str(Path(__file__).parent))
+        from sdxl import make_model as make_xl
+
+        model, args.tag = make_xl(), f"-sdxl{args.tag}"
+    elif not (model / "model_index.json").is_file():
         t0 = time.time()
         make_model(model)
         print(f"random SD 1.5 model written in {time.time() - t0:.0f} s", flush=True)

@@ -169,6 +169,53 @@ def test_single_file_sdxl_gives_the_same_picture_as_its_folder(tmp_path):
     run = dict(steps=STEPS, guidance_scale=GUIDANCE, seed=SEED)
     assert_parity(editsuite.Txt2Img(single).run("a lighthouse", **run).images[0],
                   editsuite.Txt2Img(whole).run("a lighthouse", **run).images[0])
+    # the text encoders were let go when the UNet started; a new prompt reads them again, from the file
+    assert single.backend.text_encoder is None and whole.backend.text_encoder_2 is None
+    assert_parity(editsuite.Txt2Img(single).run("a harbour", negative_prompt="fog", **run).images[0],
+                  editsuite.Txt2Img(whole).run("a harbour", negative_prompt="fog", **run).images[0])
+
+
+def test_single_file_sdxl_inpainting_gives_the_same_picture_as_its_folder(tmp_path):
+    """A 9-channel SDXL UNet in the original layout is SDXL inpainting: base's configs with the checkpoint's
+    channels; it inpaints exactly as its diffusers folder."""
+    from diffusers import StableDiffusionXLInpaintPipeline
+    from ldm_layout import to_ldm_xl_checkpoint
+    from safetensors.torch import save_file
+
+    from editsuite.bundle.single_file import detect_model_type
+
+    c = tiny_xl_components(in_channels=9)
+    StableDiffusionXLInpaintPipeline(**c, add_watermarker=False).save_pretrained(tmp_path / "folder",
+                                                                                  safe_serialization=True)
+    checkpoint = to_ldm_xl_checkpoint(c["unet"], c["vae"], c["text_encoder"], c["text_encoder_2"])
+    assert detect_model_type(checkpoint) == "xl_inpaint"
+    save_file(checkpoint, str(tmp_path / "tiny-xl-inpainting.safetensors"))
+    single = load_bundle(tmp_path / "tiny-xl-inpainting.safetensors", dtype="float32", config=tmp_path / "folder")
+    whole = load_bundle(tmp_path / "folder", dtype="float32")
+    assert single.manifest.xl and single.kind.value == "inpainting" and single.manifest.unet_in_channels == 9
+    picture, mask = _picture_and_mask()
+    run = dict(strength=1.0, steps=STEPS, seed=SEED, guidance_scale=GUIDANCE, overlay=False)
+    assert_parity(editsuite.Inpaint(single).run(picture, mask, "a bench", **run).images[0],
+                  editsuite.Inpaint(whole).run(picture, mask, "a bench", **run).images[0])
+
+
+def test_text_encoders_are_let_go_during_the_steps_and_read_again_unchanged(xl, tmp_path):
+    """SDXL's text encoders (1.5 GiB in bf16) are not held while the UNet and the VAE work: released at the
+    UNet's first call, read again from the folder for the next new prompt, the same weights; a model built
+    in memory (nothing to read again) keeps them."""
+    pipe, bundle = xl
+    kept = {k: v.clone() for k, v in bundle.backend.text_encoder_2.state_dict().items()} \
+        if bundle.backend.text_encoder_2 is not None else None
+    editsuite.Txt2Img(bundle).run("a pier at night", steps=1, seed=1)
+    assert bundle.backend.text_encoder is None and bundle.backend.text_encoder_2 is None
+    bundle.backend.encode_text_xl(*(t(["a new prompt"], padding="max_length", max_length=77,
+                                      return_tensors="pt").input_ids for t in (bundle.tokenizer, bundle.tokenizer_2)))
+    again = bundle.backend.text_encoder_2.state_dict()
+    reference = kept or pipe.text_encoder_2.state_dict()
+    assert again.keys() == reference.keys() and all(torch.equal(again[k], reference[k]) for k in again)
+    in_memory = editsuite.ModelBundle.from_components(**tiny_xl_components(), dtype=torch.float32)
+    editsuite.Txt2Img(in_memory).run("a pier at night", steps=1, seed=1)
+    assert in_memory.backend.text_encoder_2 is not None
 
 
 # published fp16 file sizes of SDXL base 1.0: UNet 5.14 GB, OpenCLIP bigG 1.39 GB, CLIP-L 246 MB, VAE 167 MB

@@ -304,10 +304,10 @@ def test_partial_and_unsupported_sdxl_files_are_refused(tmp_path):
     save_file(_sdxl_like(), str(path))  # SDXL keys, but neither text encoder whole
     with pytest.raises(UserError, match=r"SDXL text encoder weights .* but not conditioner.embedders.0"):
         load_single_file(path)
-    inpaint = _sdxl_like()
-    inpaint["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(320, 9, 3, 3)
-    with pytest.raises(UserError, match="Stable Diffusion XL inpainting"):
-        detect_model_type(inpaint)
+    other = _sdxl_like()  # 9 channels is SDXL inpainting (tests/test_sdxl.py); 7 is nothing editsuite runs
+    other["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(320, 7, 3, 3)
+    with pytest.raises(UserError, match="SDXL UNet with 7 input channels"):
+        detect_model_type(other)
     refiner = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(384, 4, 3, 3),
                "conditioner.embedders.0.model.token_embedding.weight": torch.zeros(49408, 1280)}
     with pytest.raises(UserError, match="Stable Diffusion XL refiner"):

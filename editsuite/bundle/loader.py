@@ -248,23 +248,25 @@ def _load_diffusers(location, source: str, device, dtype, *, local: bool, module
     kw = dict(local_files_only=local or os.environ.get("HF_HUB_OFFLINE") == "1")
     try:
         wanted = {"text_encoder", "unet", "vae"} if modules is None else set(modules)
+        text_encoder = tokenizer = None
+        if not absent("text_encoder") or not local:
+            text_encoder = _empty(CLIPTextModel, location, "text_encoder", kw) if "text_encoder" not in wanted else \
+                _text_encoder(CLIPTextModel, location, "text_encoder", dtype, local, kw)
+            tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **kw)
+        text_encoder_2 = tokenizer_2 = None
+        if not absent("text_encoder_2"):  # SDXL (a hub id is read as SD 1.x/2.x)
+            text_encoder_2 = _empty(CLIPTextModelWithProjection, location, "text_encoder_2", kw) \
+                if "text_encoder" not in wanted else \
+                _text_encoder(CLIPTextModelWithProjection, location, "text_encoder_2", dtype, local, kw)
+            tokenizer_2 = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer_2", **kw)
+        # the text encoders first: transformers holds a module's file and its cast copy at once while loading
+        # (SDXL's second encoder: 1.3 GiB twice), which costs least before the UNet is in memory
         unet = _empty(UNet2DConditionModel, location, "unet", kw) if "unet" not in wanted else \
             _low_memory(UNet2DConditionModel, location, "unet", dtype, local) or \
             UNet2DConditionModel.from_pretrained(location, subfolder="unet", torch_dtype=dtype, **kw)
         vae = _empty(AutoencoderKL, location, "vae", kw) if "vae" not in wanted else \
             _low_memory(AutoencoderKL, location, "vae", dtype, local) or \
             AutoencoderKL.from_pretrained(location, subfolder="vae", torch_dtype=dtype, **kw)
-        text_encoder = tokenizer = None
-        if not absent("text_encoder") or not local:
-            text_encoder = _empty(CLIPTextModel, location, "text_encoder", kw) if "text_encoder" not in wanted else \
-                CLIPTextModel.from_pretrained(location, subfolder="text_encoder", dtype=dtype, **kw)
-            tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **kw)
-        text_encoder_2 = tokenizer_2 = None
-        if not absent("text_encoder_2"):  # SDXL (a hub id is read as SD 1.x/2.x)
-            text_encoder_2 = _empty(CLIPTextModelWithProjection, location, "text_encoder_2", kw) \
-                if "text_encoder" not in wanted else \
-                CLIPTextModelWithProjection.from_pretrained(location, subfolder="text_encoder_2", dtype=dtype, **kw)
-            tokenizer_2 = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer_2", **kw)
         scheduler_config = _scheduler_config(location, "scheduler", kw)
         low_res = None
         max_noise_level = None
@@ -286,8 +288,14 @@ def _load_diffusers(location, source: str, device, dtype, *, local: bool, module
     if local:
         cands = sorted((Path(location) / "unet").glob("*.safetensors")) + sorted((Path(location) / "unet").glob("*.bin"))
         weights = cands[0] if cands else None
+    def reload_text_encoders():
+        first = None if absent("text_encoder") else _text_encoder(CLIPTextModel, location, "text_encoder", dtype,
+                                                                   local, kw)
+        return first, _text_encoder(CLIPTextModelWithProjection, location, "text_encoder_2", dtype, local, kw)
+
     bundle = _assemble(unet, vae, text_encoder, tokenizer, scheduler_config, low_res, max_noise_level, device, dtype,
                        name=Path(str(location)).name, source=source, weights_path=weights,
+                       reload_text_encoders=reload_text_encoders if local and text_encoder_2 is not None else None,
                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
                        force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True),
                        requires_aesthetics_score=index.get("requires_aesthetics_score", False),
@@ -309,21 +317,33 @@ def _empty(cls, location, subfolder: str, kw):
 SLICE_BYTES = 256 << 20
 
 
+def _text_encoder(cls, location, subfolder: str, dtype, local: bool, kw):
+    return _low_memory(cls, location, subfolder, dtype, local) or \
+        cls.from_pretrained(location, subfolder=subfolder, dtype=dtype, **kw)
+
+
 def _low_memory(cls, location, subfolder: str, dtype, local: bool):
     """Load a diffusers module from its safetensors file a slice of tensors at a time, or None to leave it
     to `from_pretrained`. diffusers reads the whole file and then casts it, so loading a 1.7 GB UNet peaks at
     twice its size (measured: 3.6 GiB for SD 1.5 in bf16); slice by slice, with the file unmapped after each
     slice, the peak is the module plus one slice (2.1 GiB). Used only when the file's keys are exactly the
-    module's, so diffusers' key conversions for older layouts still apply to everything else."""
-    file = Path(location) / subfolder / "diffusion_pytorch_model.safetensors"
+    module's, so diffusers' key conversions for older layouts still apply to everything else. Text encoders
+    (transformers' CLIP models, `model.safetensors`) load the same way: transformers too holds the file and
+    its cast copy at once (SDXL's second encoder: 1.3 GiB twice)."""
+    transformers_model = hasattr(cls, "config_class")
+    file = Path(location) / subfolder / ("model.safetensors" if transformers_model else
+                                         "diffusion_pytorch_model.safetensors")
     if not local or not file.is_file():
         return None
     import accelerate
     from safetensors import safe_open
 
     try:
-        with accelerate.init_empty_weights():
-            model = cls.from_config(cls.load_config(location, subfolder=subfolder))
+        with accelerate.init_empty_weights(include_buffers=False):
+            if transformers_model:
+                model = cls(cls.config_class.from_pretrained(Path(location) / subfolder))
+            else:
+                model = cls.from_config(cls.load_config(location, subfolder=subfolder))
         with safe_open(file, "pt") as f:
             sizes = {k: math.prod(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception:  # an unusual config or file: from_pretrained will load it or say what is wrong
@@ -353,13 +373,15 @@ def _scheduler_config(location, subfolder, kw) -> dict:
 
 
 def _load_single_file(path: Path, device, dtype, *, allow_pickle: bool, config, vae_source=None) -> ModelBundle:
-    from editsuite.bundle.single_file import load_single_file
+    from editsuite.bundle.single_file import load_single_file, load_text_encoders_xl
 
     parts = load_single_file(path, allow_pickle=allow_pickle, config=config, torch_dtype=dtype)
     return _assemble(
         parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"],
         {**parts["scheduler"].config, "_class_name": type(parts["scheduler"]).__name__},
         None, None, device, dtype, name=path.stem, source=str(path), weights_path=path,
+        reload_text_encoders=(lambda: load_text_encoders_xl(path, allow_pickle=allow_pickle, config=config,
+                                                            torch_dtype=dtype)) if "text_encoder_2" in parts else None,
         text_encoder_2=parts.get("text_encoder_2"), tokenizer_2=parts.get("tokenizer_2"),
         vae_source=vae_source, allow_pickle=allow_pickle,
     )
@@ -368,7 +390,9 @@ def _load_single_file(path: Path, device, dtype, *, allow_pickle: bool, config, 
 def _assemble(unet, vae, text_encoder, tokenizer, scheduler_config, low_res, max_noise_level, device, dtype, *,
               name, source, weights_path, text_encoder_2=None, tokenizer_2=None,
               force_zeros_for_empty_prompt: bool = True, requires_aesthetics_score: bool = False, vae_source=None,
-              allow_pickle: bool = False) -> ModelBundle:
+              allow_pickle: bool = False, reload_text_encoders=None) -> ModelBundle:
+    """`reload_text_encoders` (SDXL from disk): reads both text encoders again, so the backend can let them go
+    between prompts."""
     from editsuite.bundle.torch_backend import TorchBackend
 
     if vae_source is not None:
@@ -393,10 +417,13 @@ def _assemble(unet, vae, text_encoder, tokenizer, scheduler_config, low_res, max
         low_res = DDPMScheduler(num_train_timesteps=1000)
     if manifest.kind is ModelKind.UPSCALER and max_noise_level is None:
         manifest = dataclasses.replace(manifest, max_noise_level=350)
+    backend = TorchBackend(text_encoder, unet, vae, device=device, dtype=dtype, text_encoder_2=text_encoder_2)
+    if manifest.xl:
+        backend.reload_text_encoders = reload_text_encoders
     return ModelBundle(
         manifest=manifest,
         tokenizer=tokenizer,
-        backend=TorchBackend(text_encoder, unet, vae, device=device, dtype=dtype, text_encoder_2=text_encoder_2),
+        backend=backend,
         scheduler_config=scheduler_config,
         low_res_scheduler=low_res,
         weights_path=weights_path,

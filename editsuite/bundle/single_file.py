@@ -45,6 +45,7 @@ CONFIG_FOLDERS = {
     "inpainting": "sd-v1-inpainting",
     "inpainting_v2": "sd-v2-inpainting",
     "xl_base": "sdxl-base",
+    "xl_inpaint": "sdxl-base",  # SDXL base's configs with a 9-channel UNet (taken from the checkpoint)
 }
 DESCRIPTIONS = {
     "v1": "Stable Diffusion 1.x",
@@ -52,10 +53,11 @@ DESCRIPTIONS = {
     "inpainting": "Stable Diffusion 1.x inpainting",
     "inpainting_v2": "Stable Diffusion 2.x inpainting",
     "xl_base": "Stable Diffusion XL",
+    "xl_inpaint": "Stable Diffusion XL inpainting",
 }
 SUPPORTED = (
     "supported: Stable Diffusion 1.x, 2.x and XL base checkpoints in the original (LDM) layout, "
-    "and the 9-channel inpainting variants of 1.x and 2.x"
+    "and the 9-channel inpainting variants of 1.x, 2.x and XL"
 )
 # names for the model types diffusers can detect but this loader does not handle (prefix match, first wins)
 _OTHER_NAMES = (
@@ -121,11 +123,11 @@ def load_single_file(
     folder = custom or CONFIG_ROOT / CONFIG_FOLDERS[model_type]
     log.info("%s: %s checkpoint, configs from %s", path.name, DESCRIPTIONS[model_type], folder)
 
-    unet = _build_unet(checkpoint, folder, torch_dtype, path.name)
+    unet = _build_unet(checkpoint, folder, torch_dtype, path.name, model_type)
     _drop_prefix(checkpoint, UNET_PREFIX)  # free what is no longer needed as we go
     vae = _build_vae(checkpoint, folder, torch_dtype, path.name)
     _drop_prefix(checkpoint, VAE_PREFIX)
-    xl = model_type == "xl_base"
+    xl = model_type.startswith("xl_")
     text_encoder = _build_text_encoder(checkpoint, folder, model_type, torch_dtype, path.name)
     parts = {}
     if xl:
@@ -150,8 +152,21 @@ def load_single_file(
 # ----------------------------------------------------------------------------------------------- reading
 
 
-def read_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Read a checkpoint's tensors into a flat {key: tensor} dict (EMA copies, `model_ema.*`, are skipped)."""
+def load_text_encoders_xl(path: str | Path, *, allow_pickle: bool = False, config: str | Path | None = None,
+                          torch_dtype: torch.dtype = torch.float32) -> tuple:
+    """SDXL base's two text encoders read again from its checkpoint, and nothing else from it (a .safetensors
+    file is read key by key): (text_encoder, text_encoder_2)."""
+    path = Path(path).expanduser()
+    folder = _check_config_folder(config) if config is not None else CONFIG_ROOT / CONFIG_FOLDERS["xl_base"]
+    checkpoint = read_checkpoint(path, allow_pickle=allow_pickle, only="conditioner.")
+    first = _build_text_encoder(checkpoint, folder, "xl_base", torch_dtype, path.name)
+    _drop_prefix(checkpoint, XL_CLIP_PREFIX)
+    return first, _build_text_encoder(checkpoint, folder, "xl_base", torch_dtype, path.name, second=True)
+
+
+def read_checkpoint(path: str | Path, *, allow_pickle: bool = False, only: str = "") -> dict[str, torch.Tensor]:
+    """Read a checkpoint's tensors into a flat {key: tensor} dict (EMA copies, `model_ema.*`, are skipped);
+    `only`: the keys that start with it (the rest of a .safetensors file is not read)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if not path.exists():
@@ -169,9 +184,9 @@ def read_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> dict[str
             ".safetensors, or pass --allow-pickle if you trust where it came from"
         )
     if suffix in SAFE_SUFFIXES:
-        checkpoint = _read_safetensors(path)
+        checkpoint = _read_safetensors(path, only)
     else:
-        checkpoint = _read_pickle(path)
+        checkpoint = {k: v for k, v in _read_pickle(path).items() if k.startswith(only)}
     if not checkpoint:
         raise UserError(f"{path.name} holds no tensors; it is not a Stable Diffusion checkpoint ({SUPPORTED})")
     return _normalize_keys(checkpoint)
@@ -183,12 +198,12 @@ def _reason(e: BaseException) -> str:
     return first if len(first) <= 160 else first[:157] + "..."
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_safetensors(path: Path, only: str = "") -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys() if not k.startswith("model_ema.")}
+            return {k: f.get_tensor(k) for k in f.keys() if k.startswith(only) and not k.startswith("model_ema.")}
     except OSError as e:
         raise UserError(f"cannot read {path}: {_reason(e)}") from None
     except Exception as e:  # SafetensorError and friends: bad header, truncated data
@@ -320,15 +335,16 @@ def detect_model_type(checkpoint: dict[str, torch.Tensor], *, name: str = "check
 
 
 def _detect_xl(checkpoint: dict[str, torch.Tensor], name: str) -> str | None:
-    """"xl_base" for an SDXL base checkpoint, None for one without SDXL's text encoders (conditioner.*);
-    refuses the SDXL kinds editsuite does not run yet and partial files. Keys decide, not diffusers'
-    layer-count probe (which needs 10+ layers, so it misses scaled-down test models)."""
+    """"xl_base" for an SDXL base checkpoint, "xl_inpaint" for SDXL inpainting (a 9-channel UNet), None for
+    one without SDXL's text encoders (conditioner.*); refuses the SDXL kinds editsuite does not run yet and
+    partial files. Keys decide, not diffusers' layer-count probe (which needs 10+ layers, so it misses
+    scaled-down test models)."""
     if not any(k.startswith("conditioner.embedders.") for k in checkpoint):
         return None
     conv_in = checkpoint.get(UNET_PREFIX + "input_blocks.0.0.weight")
-    if conv_in is not None and conv_in.ndim == 4 and int(conv_in.shape[1]) != 4:
-        raise UserError(f"{name} looks like a Stable Diffusion XL inpainting checkpoint "
-                        f"({int(conv_in.shape[1])}-channel UNet), which is not supported yet; {SUPPORTED}")
+    if conv_in is not None and conv_in.ndim == 4 and int(conv_in.shape[1]) not in (4, 9):
+        raise UserError(f"{name} has an SDXL UNet with {int(conv_in.shape[1])} input channels, which is not "
+                        f"supported; expected 4 (text-to-image) or 9 (inpainting)")
     if any(k.startswith(XL_REFINER_PREFIX) for k in checkpoint):
         raise UserError(f"{name} looks like a Stable Diffusion XL refiner checkpoint, which is not supported yet; "
                         f"{SUPPORTED}")
@@ -342,7 +358,7 @@ def _detect_xl(checkpoint: dict[str, torch.Tensor], name: str) -> str | None:
                         f"{SUPPORTED}")
     if not any(k.startswith(VAE_PREFIX) for k in checkpoint):
         raise UserError(f"{name} has no VAE weights ({VAE_PREFIX}*); a full Stable Diffusion checkpoint is needed")
-    return "xl_base"
+    return "xl_inpaint" if int(conv_in.shape[1]) == 9 else "xl_base"
 
 
 # -------------------------------------------------------------------------------------------- components
@@ -458,10 +474,11 @@ def _user_errors(what: str):
 
 
 def _build_diffusers_model(cls, subfolder: str, label: str, to_state_dict, checkpoint: dict, folder: Path,
-                           dtype: torch.dtype, name: str):
-    """A UNet or VAE built empty from its config folder, then filled with the converted checkpoint weights."""
+                           dtype: torch.dtype, name: str, overrides: dict | None = None):
+    """A UNet or VAE built empty from its config folder (and `overrides`), then filled with the converted
+    checkpoint weights."""
     with _user_errors(f"invalid {label} config {folder / subfolder / 'config.json'}"):
-        config = dict(cls.load_config(str(folder / subfolder), local_files_only=True))
+        config = dict(cls.load_config(str(folder / subfolder), local_files_only=True)) | (overrides or {})
         with _empty_weights():
             model = cls.from_config(config)
     with _user_errors(f"{name}: the {label} weights do not match the {label} config"):
@@ -469,10 +486,13 @@ def _build_diffusers_model(cls, subfolder: str, label: str, to_state_dict, check
     return _assign_weights(model, state_dict, label, name, dtype)
 
 
-def _build_unet(checkpoint: dict, folder: Path, dtype: torch.dtype, name: str):
+def _build_unet(checkpoint: dict, folder: Path, dtype: torch.dtype, name: str, model_type: str = ""):
     from diffusers import UNet2DConditionModel
 
-    return _build_diffusers_model(UNet2DConditionModel, "unet", "UNet", unet_state_dict, checkpoint, folder, dtype, name)
+    # SDXL inpainting shares SDXL base's configs, with 9 input channels
+    channels = {"in_channels": 9} if model_type == "xl_inpaint" else None
+    return _build_diffusers_model(UNet2DConditionModel, "unet", "UNet", unet_state_dict, checkpoint, folder, dtype,
+                                  name, channels)
 
 
 def _build_vae(checkpoint: dict, folder: Path, dtype: torch.dtype, name: str):

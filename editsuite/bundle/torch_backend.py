@@ -14,6 +14,7 @@ knows which one runs:
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import torch
 
@@ -24,6 +25,10 @@ from editsuite.errors import UserError
 # Decode (encode) pictures above this many pixels tile by tile with diffusers' tiled VAE: a 2048x2048 decode
 # in one piece needs tens of GB; in tiles it stays under 4 GB. Below it, one piece, as diffusers does.
 TILE_ABOVE_PIXELS = 1024 * 1024
+# VAE work on pictures of this many pixels or more runs with glibc's own malloc: kept freed memory would add
+# to its large activations (measured, SDXL's VAE decoding 1024x1024 in bf16: 2.5 GiB above the loaded model
+# with the kept heap, 1.55 GiB without)
+PLAIN_MALLOC_PIXELS = 1024 * 1024
 
 
 def _place(module, device, dtype):
@@ -51,6 +56,8 @@ class TorchBackend(ModelBackend):
         self.text_encoder, self.unet_model, self.vae, self.text_encoder_2 = (
             None if m is None else _place(m, self.device, dtype) for m in (text_encoder, unet, vae, text_encoder_2))
         self.notice: str | None = None  # set when the VAE had to fall back to float32
+        # SDXL loaded from disk: reads both text encoders again (see `encode_text_xl`)
+        self.reload_text_encoders: Callable[[], tuple] | None = None
         self.governor = None  # the fast default's thread count that follows the machine's load
         if self.device.type == "cpu" and dtype == torch.bfloat16:  # the fast CPU default (bench/pieces.py)
             self.governor = speed.ThreadGovernor.unless_pinned()
@@ -70,6 +77,9 @@ class TorchBackend(ModelBackend):
         """SDXL: both encoders' penultimate hidden states side by side (the refiner: the second's alone), and
         the second one's pooled, projected embedding, as diffusers' StableDiffusionXLPipeline.encode_prompt
         takes them."""
+        if self.text_encoder_2 is None:  # let go after the last prompt: read again
+            self.text_encoder, self.text_encoder_2 = (
+                None if m is None else _place(m, self.device, self.compute_dtype) for m in self.reload_text_encoders())
         second = self.text_encoder_2(input_ids_2.to(self.device), output_hidden_states=True)
         hidden = second.hidden_states[-2]
         if self.text_encoder is not None:
@@ -77,10 +87,23 @@ class TorchBackend(ModelBackend):
             hidden = torch.cat([first.hidden_states[-2], hidden], dim=-1)
         return hidden.float(), second.text_embeds.float()
 
+    def release_text_encoders(self) -> None:
+        """SDXL's text encoders (1.5 GiB in bf16) are idle while the UNet and VAE work, and a 1024x1024
+        picture's VAE decode needs about that much: they are let go when the UNet starts and read again, in a
+        few seconds, for the next new prompt (the prompt cache spares repeated ones). With them kept, a
+        1024x1024 txt2img peaks above 8 GiB (bench/sdxl.py)."""
+        import gc
+
+        self.text_encoder = self.text_encoder_2 = None
+        gc.collect()
+        speed.release_freed_memory()
+
     @torch.inference_mode()
     def unet(self, sample, timestep, context, class_labels=None, cache: "FeatureCache | None" = None,
              added: dict | None = None) -> torch.Tensor:
         dt = self.compute_dtype
+        if self.reload_text_encoders is not None and self.text_encoder_2 is not None:
+            self.release_text_encoders()
         if self.governor is not None:
             self.governor.threads()
         sample, context = sample.to(dt), context.to(dt)
@@ -150,7 +173,7 @@ class TorchBackend(ModelBackend):
         speed.release_freed_memory()
         if self.governor is not None:
             self.governor.threads()
-        with speed.plain_malloc() if tiled else contextlib.nullcontext():
+        with speed.plain_malloc() if tiled or pixels >= PLAIN_MALLOC_PIXELS else contextlib.nullcontext():
             out = run(x.to(self.device, self.vae_dtype), tiled)
             if self.vae_dtype != torch.float32 and not torch.isfinite(out).all():
                 low = str(self.vae_dtype).replace("torch.", "")
