@@ -74,16 +74,11 @@ class TextEncoder(nn.Module):
         return hidden, pooled
 
 
-class TextEncoderXL(nn.Module):
+class TextEncoderXL(TextEncoder):
     """SDXL's text encoders as Apple's converter gives them (`--xl-version`): the penultimate hidden states,
     and the pooled output (for the second encoder, `CLIPTextModelWithProjection`, the projected one)."""
 
-    inputs = ("input_ids",)
     outputs = ("hidden_embeds", "pooled_outputs")
-
-    def __init__(self, text_encoder):
-        super().__init__()
-        self.model = text_encoder
 
     def forward(self, input_ids):
         out = self.model(input_ids.long(), output_hidden_states=True)
