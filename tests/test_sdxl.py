@@ -213,6 +213,13 @@ def test_text_encoders_are_let_go_during_the_steps_and_read_again_unchanged(xl, 
     again = bundle.backend.text_encoder_2.state_dict()
     reference = kept or pipe.text_encoder_2.state_dict()
     assert again.keys() == reference.keys() and all(torch.equal(again[k], reference[k]) for k in again)
+    moved = load_bundle(save_tiny_xl(tmp_path / "moved"), dtype="float32")
+    editsuite.Txt2Img(moved).run("a pier at night", steps=1, seed=1)
+    import shutil
+
+    shutil.rmtree(tmp_path / "moved")  # the files are gone before the next new prompt: one line, no traceback
+    with pytest.raises(UserError, match="could not be read again"):
+        editsuite.Txt2Img(moved).run("another prompt", steps=1, seed=1)
     in_memory = editsuite.ModelBundle.from_components(**tiny_xl_components(), dtype=torch.float32)
     editsuite.Txt2Img(in_memory).run("a pier at night", steps=1, seed=1)
     assert in_memory.backend.text_encoder_2 is not None

@@ -78,8 +78,16 @@ class TorchBackend(ModelBackend):
         the second one's pooled, projected embedding, as diffusers' StableDiffusionXLPipeline.encode_prompt
         takes them."""
         if self.text_encoder_2 is None:  # let go after the last prompt: read again
+            try:
+                reloaded = self.reload_text_encoders()
+            except UserError:
+                raise
+            except Exception as e:  # the model's files moved or changed since it was loaded
+                raise UserError(f"SDXL's text encoders could not be read again from the model's files "
+                                f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); load the model "
+                                "again") from None
             self.text_encoder, self.text_encoder_2 = (
-                None if m is None else _place(m, self.device, self.compute_dtype) for m in self.reload_text_encoders())
+                None if m is None else _place(m, self.device, self.compute_dtype) for m in reloaded)
         second = self.text_encoder_2(input_ids_2.to(self.device), output_hidden_states=True)
         hidden = second.hidden_states[-2]
         if self.text_encoder is not None:
