@@ -92,3 +92,17 @@ def test_sdxl_refiner_converts_chunked_at_two_sizes(tmp_path):
         a, b = (EDITS["img2img"](x, picture, None).images[0] for x in (bundle, torch_))
         assert a.size == b.size == size and psnr(a, b) >= 35, (size, psnr(a, b))
     assert {n for n, _ in StandIn.fed} == {p.name for p in models.paths.values()}
+
+
+@pytest.mark.slow  # k-means over every weight: 50 s on 2 cores
+def test_sdxl_unet_palettizes_to_6_bits_and_runs(tmp_path):
+    """--quantize-bits 6 on SDXL's UNet: k-means lookup tables in the program, and it still runs (random tiny
+    weights palettize worse than trained ones, hence the low bar, as for SD 1.x in test_coreml)."""
+    from editsuite.bundle.mil_executor import load_program
+
+    out = convert(APPLE / "source", tmp_path / "p6", quantize_bits=6, components=["unet"])
+    (check,) = verify(out)
+    print(f"6-bit palettized tiny SDXL UNet: {check.psnr_db:.1f} dB")
+    assert check.module == "Unet" and check.psnr_db > 15
+    ops = [op.op_type for op in load_program(find_models(out).paths["unet"]).functions["main"].operations]
+    assert ops.count("constexpr_lut_to_dense") > 0
