@@ -69,7 +69,6 @@ DESCRIPTIONS = {
 # inputs Apple's pipelines pass as fp16 (its Python pipeline refuses any other dtype); the rest are float32,
 # as are the VAE's inputs for SDXL, whose VAE overflows fp16 (Apple converts it so, computing in float32)
 HALF_INPUTS = {"sample", "timestep", "encoder_hidden_states", "time_ids", "text_embeds", "x", "z"}
-FLOAT32_VAE_INPUTS = {"x", "z"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,8 +151,7 @@ def _spec(bundle, name: str, settings: Settings):
             "encoder_hidden_states": torch.randn(n, m.cross_attention_dim, 1, 77, generator=g)}
     if module.xl:
         config = b.unet_model.config
-        side = float(m.native_resolution)  # original size, crop top-left, target size (refiner: a score)
-        time_ids = [side, side, 0.0, 0.0] + ([6.0] if m.refiner else [side, side])
+        time_ids = example_time_ids(m)
         head["time_ids"] = torch.tensor([time_ids] * n)
         pooled = config.projection_class_embeddings_input_dim - config.addition_time_embed_dim * len(time_ids)
         head["text_embeds"] = torch.randn(n, pooled, generator=g)
@@ -174,6 +172,13 @@ def _spec(bundle, name: str, settings: Settings):
     inputs |= {k: t for k, t in zip(names[2:], mids[2:])}
     varying = {k: [shapes[i] for shapes in shapes_by_res] for i, k in enumerate(names)}
     return module, inputs, varying
+
+
+def example_time_ids(manifest) -> list[float]:
+    """SDXL's size conditioning for a picture of the native size, uncropped (the refiner: score 6): what
+    conversion traces with and verify feeds."""
+    side = float(manifest.native_resolution)  # original size, crop top-left, target size (refiner: a score)
+    return [side, side, 0.0, 0.0] + ([6.0] if manifest.refiner else [side, side])
 
 
 def _convert_one(ct, module, inputs: dict, varying: dict | None, outputs: tuple[str, ...], bits: int | None,

@@ -47,6 +47,7 @@ def verify(out: str | Path, against: str | None = None, *, fp16: bool = True) ->
     from editsuite.bundle.coreml_backend import ReferenceModel, load_coreml_bundle
     from editsuite.bundle.coreml_layout import MANIFEST, SWIFT_NAMES, is_coreml_folder, read_manifest
     from editsuite.bundle.loader import load_bundle
+    from editsuite.convert.coreml import example_time_ids
 
     out = Path(out)
     if not is_coreml_folder(out):
@@ -75,9 +76,7 @@ def verify(out: str | Path, against: str | None = None, *, fp16: bool = True) ->
     with torch.no_grad():
         if m.xl:
             context, pooled = b.encode_text_xl(ids, ids_2)
-            side = float(m.native_resolution)  # original size, crop, target size (the refiner: a score)
-            time_ids = [side, side, 0.0, 0.0] + ([6.0] if m.refiner else [side, side])
-            added = {"text_embeds": pooled, "time_ids": torch.tensor([time_ids] * 2)}
+            added = {"text_embeds": pooled, "time_ids": torch.tensor([example_time_ids(m)] * 2)}
         else:
             context = b.text_encoder(ids, return_dict=False)[0].float()
     checks: list[Check] = []
