@@ -2,17 +2,19 @@
 (issue 20): one SD 1.5 UNet step (512x512, batch 2 for guidance) and one VAE decode of a 512x512 picture,
 bf16 weights, each piece switched on alone.
 
-    python bench/pieces.py [--load 0 1] [--rounds 3] [--repeat 2] [--what unet vae]
+    python bench/pieces.py [--load 0 1] [--rounds 3] [--repeat 2] [--what unet vae] [--variants A B ...]
 
 Every measurement runs in a fresh child process (glibc's malloc as a fresh process has it: its dynamic mmap
 threshold cannot be restored once changed, so pieces are never switched off and on in one process). Variants:
 - `diffusers-bf16`: the reference, diffusers' module with bf16 weights and nothing else (SDPA attention);
 - `+kept-memory`: glibc keeps freed blocks for reuse (`speed.keep_freed_memory`);
 - `+packed-convs`: convolution weights laid out for oneDNN once (`speed.pack_convolutions`);
+- `+packed-linears` (UNet only): bf16 Linear weights laid out for oneDNN once (`speed.pack_linears`);
 - `+fused-qkv` (UNet only): diffusers' `fuse_qkv_projections`, one matmul for each attention's q, k and v;
 - `+blocked`: the blocked attention editsuite used until issue 20 (bench/blocked_attention.py);
 - `+1-thread`: one torch thread (what an adaptive thread count would pick with a core busy);
-- `+channels-last` (VAE only): NHWC activations for oneDNN's bf16 convolutions;
+- `+channels-last`: NHWC activations for oneDNN's bf16 convolutions (the UNet: its sample in NHWC);
+- `+cl+packed` (UNet only): channels-last with packed convolution and Linear weights;
 - `editsuite`: editsuite's default as its backend sets it up, called as the shared loop calls it.
 The model is SD 1.5's architecture with random weights (the folder bench/speed.py builds). Each condition runs
 the variants interleaved, `--rounds` times; a child times `--repeat` calls after one warm-up and reports their
@@ -34,7 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "build" / "bench-coreml" / "sd15-random"
 VARIANTS = {
-    "unet": ("diffusers-bf16", "+kept-memory", "+packed-convs", "+fused-qkv", "+blocked", "+1-thread", "editsuite"),
+    "unet": ("diffusers-bf16", "+kept-memory", "+packed-convs", "+packed-linears", "+channels-last", "+cl+packed",
+             "+fused-qkv", "+blocked", "+1-thread", "editsuite"),
     "vae": ("diffusers-bf16", "+kept-memory", "+channels-last", "+packed-convs", "+blocked", "editsuite"),
 }
 
@@ -63,6 +66,11 @@ def child(what: str, variant: str, repeat: int) -> float:
             speed.keep_freed_memory()
         elif variant == "+packed-convs":
             speed.pack_convolutions(module)
+        elif variant == "+packed-linears":
+            speed.pack_linears(module)
+        elif variant == "+cl+packed":
+            speed.pack_convolutions(module)
+            speed.pack_linears(module)
         elif variant == "+blocked":
             sys.path.insert(0, str(ROOT / "bench"))
             from blocked_attention import use_blocked_attention
@@ -75,6 +83,8 @@ def child(what: str, variant: str, repeat: int) -> float:
         elif variant == "+channels-last":
             module.to(memory_format=torch.channels_last)
         xb, cb, zb = x.bfloat16(), ctx.bfloat16(), z.bfloat16()
+        if variant in ("+channels-last", "+cl+packed"):
+            xb = xb.contiguous(memory_format=torch.channels_last)
         call = (lambda: module(xb, t, encoder_hidden_states=cb)) if what == "unet" else (lambda: module.decode(zb))
     with torch.inference_mode():
         call()
@@ -108,6 +118,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--what", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", help="only these (diffusers-bf16, the reference, is always run)")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -125,7 +136,8 @@ def main() -> None:
             loads = [mp.Process(target=_spin, args=(stop,), daemon=True) for _ in range(n)]
             for p in loads:
                 p.start()
-            times: dict[str, list[float]] = {k: [] for k in VARIANTS[what]}
+            times: dict[str, list[float]] = {k: [] for k in VARIANTS[what] if k == "diffusers-bf16"
+                                             or args.variants is None or k in args.variants}
             try:
                 for r in range(args.rounds):
                     for name in times:

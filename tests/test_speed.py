@@ -22,8 +22,10 @@ def test_auto_dtype():
 
 
 @pytest.mark.parametrize("kind", ["base", "inpainting", "upscaler"])
-def test_packed_convolutions_give_the_same_numbers(kind):
-    """Convolution weights laid out for oneDNN once give exactly the unpacked UNet's output, in bf16 and fp32."""
+def test_packed_weights_give_the_same_numbers(kind):
+    """Convolution weights laid out for oneDNN once give the unpacked UNet's output up to the rounding of the
+    dtype (oneDNN's bias add rounds once where aten's rounds twice: within one bf16 step), for NCHW and NHWC
+    samples; packed bf16 Linear weights then change nothing at all."""
     for dtype in (torch.bfloat16, torch.float32):
         unet = tiny_components(kind)["unet"].to(dtype).eval()
         cfg = unet.config
@@ -31,12 +33,22 @@ def test_packed_convolutions_give_the_same_numbers(kind):
         x = torch.randn(2, cfg.in_channels, 8, 8, generator=g).to(dtype)
         ctx = torch.randn(2, 77, cfg.cross_attention_dim, generator=g).to(dtype)
         labels = torch.tensor([20, 20]) if kind == "upscaler" else None
+        nhwc = x.contiguous(memory_format=torch.channels_last)
+        run = lambda sample: unet(sample, 10, encoder_hidden_states=ctx, class_labels=labels).sample  # noqa: E731
         with torch.inference_mode():
-            expect = unet(x, 10, encoder_hidden_states=ctx, class_labels=labels).sample
+            expect = run(x)
             convs = sum(type(m) is torch.nn.Conv2d for m in unet.modules())
             assert speed.pack_convolutions(unet) == convs > 0
             assert not any(type(m) is torch.nn.Conv2d for m in unet.modules())
-            assert torch.equal(unet(x, 10, encoder_hidden_states=ctx, class_labels=labels).sample, expect)
+            tolerance = float(expect.abs().max()) * (2 ** -6 if dtype == torch.bfloat16 else 1e-5)
+            for sample in (x, nhwc):
+                assert (run(sample) - expect).abs().max() <= tolerance
+            packed = run(nhwc)
+            linears = sum(type(m) is torch.nn.Linear for m in unet.modules())
+            assert speed.pack_linears(unet) == (linears if dtype == torch.bfloat16 else 0)
+            if dtype == torch.bfloat16:
+                assert linears > 0 and not any(type(m) is torch.nn.Linear for m in unet.modules())
+            assert torch.equal(run(nhwc), packed)
 
 
 def test_low_precision_bundle_keeps_the_loop_in_float32(tmp_path):
@@ -48,6 +60,8 @@ def test_low_precision_bundle_keeps_the_loop_in_float32(tmp_path):
     assert isinstance(fast.backend.unet_model.down_blocks[0].attentions[0].transformer_blocks[0].attn1.processor,
                       AttnProcessor2_0)
     assert isinstance(fast.backend.unet_model.conv_in, speed.PackedConv2d)  # weights laid out once
+    assert isinstance(fast.backend.unet_model.time_embedding.linear_1, speed.PackedLinear)
+    assert fast.backend.channels_last and not exact.backend.channels_last
     assert isinstance(exact.backend.unet_model.conv_in, torch.nn.Conv2d)  # float32: diffusers' modules as they are
     x = torch.randn(2, 4, 8, 8)
     assert fast.backend.unet(x, torch.tensor(10), torch.randn(2, 77, 32)).dtype == torch.float32

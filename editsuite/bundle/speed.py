@@ -51,25 +51,40 @@ def fast_dtype(device: torch.device) -> torch.dtype:
 
 class PackedConv2d(torch.nn.Module):
     """A zero-padded Conv2d whose weights oneDNN laid out once, for inference on a CPU. torch has no eager
-    module for this: torch.utils.mkldnn's converted modules take and return oneDNN tensors, as TorchScript,
-    so this one converts its input and output itself (two cheap activation copies against a weight reorder).
-    The original weights are dropped with the original module, so memory does not grow."""
+    module for this (torch.utils.mkldnn's converted modules take and return oneDNN tensors, as TorchScript);
+    this one calls the oneDNN op inductor's frozen graphs call, on ordinary tensors: a channels-last input is
+    taken as it is and the output stays channels-last, so no activation is copied between layouts. The
+    original weights are dropped with the original module, so memory does not grow."""
 
     def __init__(self, conv: torch.nn.Conv2d):
         super().__init__()
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
-        self.dilation, self.groups = conv.dilation, conv.groups
+        self.kernel_size = conv.kernel_size
+        self.stride, self.padding = list(conv.stride), list(conv.padding)
+        self.dilation, self.groups = list(conv.dilation), conv.groups
         w = conv.weight.detach()
-        self.packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), self.padding, self.stride,
-                                                                 self.dilation, self.groups)
-        self.bias = None if conv.bias is None else conv.bias.detach().to_mkldnn()
+        self.packed = torch.ops.mkldnn._reorder_convolution_weight(w, self.padding, self.stride, self.dilation,
+                                                                  self.groups)
+        self.bias = None if conv.bias is None else conv.bias.detach()
         self.dtype = w.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.mkldnn_convolution(x.contiguous().to_mkldnn(), self.packed, self.bias, self.padding,
-                                       self.stride, self.dilation, self.groups)
-        return out.to_dense()
+        return torch.ops.mkldnn._convolution_pointwise(x, self.packed, self.bias, self.padding, self.stride,
+                                                       self.dilation, self.groups, "none", [], "")
+
+
+class PackedLinear(torch.nn.Module):
+    """A bf16 Linear whose weights oneDNN laid out once (what inductor's freezing does; torch has no eager
+    module for it). The output is bit for bit nn.Linear's (tests/test_speed.py)."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
 def pack_convolutions(module: torch.nn.Module) -> int:
@@ -77,11 +92,20 @@ def pack_convolutions(module: torch.nn.Module) -> int:
     `PackedConv2d`. Returns how many were swapped. One at a time, each original freed (and handed back to
     the system when glibc keeps freed memory) before the next is packed: the peak stays that of the module
     (measured: 2.65 GiB for an SD 1.5 bundle in bf16 either way; holding the originals to the end, 3.87)."""
+    return _swap(module, PackedConv2d, lambda c: type(c) is torch.nn.Conv2d and c.padding_mode == "zeros"
+                 and not isinstance(c.padding, str))
+
+
+def pack_linears(module: torch.nn.Module) -> int:
+    """Swap every bf16 Linear inside `module` (CPU, inference) for a `PackedLinear`; returns how many."""
+    return _swap(module, PackedLinear, lambda c: type(c) is torch.nn.Linear and c.weight.dtype == torch.bfloat16)
+
+
+def _swap(module: torch.nn.Module, packed, wanted) -> int:
     where = [(parent, name) for parent in module.modules() for name, child in parent.named_children()
-             if type(child) is torch.nn.Conv2d and child.padding_mode == "zeros"
-             and not isinstance(child.padding, str) and child.weight.device.type == "cpu"]
+             if wanted(child) and child.weight.device.type == "cpu"]
     for parent, name in where:
-        setattr(parent, name, PackedConv2d(getattr(parent, name)))
+        setattr(parent, name, packed(getattr(parent, name)))
         release_freed_memory()
     return len(where)
 

@@ -59,10 +59,13 @@ class TorchBackend(ModelBackend):
         # SDXL loaded from disk: reads both text encoders again (see `encode_text_xl`)
         self.reload_text_encoders: Callable[[], tuple] | None = None
         self.governor = None  # the fast default's thread count that follows the machine's load
+        self.channels_last = False  # the fast default hands the UNet NHWC samples (bench/pieces.py)
         if self.device.type == "cpu" and dtype == torch.bfloat16:  # the fast CPU default (bench/pieces.py)
             self.governor = speed.ThreadGovernor.unless_pinned()
             speed.keep_freed_memory()
             speed.pack_convolutions(self.unet_model)
+            speed.pack_linears(self.unet_model)
+            self.channels_last = True
             # oneDNN's bf16 convolutions take NHWC as it is; NCHW is copied to a blocked layout and back at
             # every conv, which at 512x512 costs the VAE decode time and ~0.15 GiB of peak memory
             self.vae.to(memory_format=torch.channels_last)
@@ -115,16 +118,18 @@ class TorchBackend(ModelBackend):
         if self.governor is not None:
             self.governor.threads()
         sample, context = sample.to(dt), context.to(dt)
+        if self.channels_last:  # the packed convolutions take NHWC as it is (see speed.PackedConv2d)
+            sample = sample.contiguous(memory_format=torch.channels_last)
         extra = {} if added is None else {"added_cond_kwargs": {k: v.to(self.device, dt) for k, v in added.items()}}
         if cache is not None and cache.reuse and cache.feature is not None:
-            return self._outer_level(sample, timestep, context, class_labels, cache.feature).float()
+            return self._outer_level(sample, timestep, context, class_labels, cache.feature).float().contiguous()
         hook = None
         if cache is not None:
             hook = self.unet_model.up_blocks[-2].register_forward_hook(lambda mod, args, out: cache.keep(out))
         try:
             return self.unet_model(
                 sample, timestep, encoder_hidden_states=context, class_labels=class_labels, return_dict=False, **extra
-            )[0].float()
+            )[0].float().contiguous()
         finally:
             if hook is not None:
                 hook.remove()
