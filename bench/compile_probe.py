@@ -1,5 +1,6 @@
-"""Issue 20 probe: would a compiled UNet make the fast default faster? SD 1.5's architecture, random weights
-(bench/speed.py makes it), bf16, 512x512, batch 2, one process per mode:
+"""Issue 20 probe (superseded by bench/aoti_probe.py, which measures in turn: no gain): would a compiled UNet
+make the fast default faster? SD 1.5's architecture, random weights (bench/speed.py makes it), bf16, 512x512,
+batch 2, one process per mode:
 
     python bench/compile_probe.py eager        # editsuite's default UNet (packed convolutions)
     python bench/compile_probe.py compile      # torch.compile (inductor, freezing); the cache makes a rerun cheaper

@@ -7,11 +7,16 @@
   at a time) was the default until issue 20: warm and interleaved it is slower than SDPA both idle and with
   a core shared, where its thousands of small parallel regions collapse (bench/pieces.py; the code now
   lives in bench/blocked_attention.py for that comparison).
-- `pack_convolutions`: torch hands oneDNN a conv's weights in PyTorch's layout at every call, and oneDNN
-  reorders them into its blocked layout each time (about 0.3 s of an SD 1.5 UNet step, seen with
-  ONEDNN_VERBOSE=1). Laid out once at load, the same kernels run on them; the output is bit for bit the same
-  (bench/pieces.py: a UNet step 1.14x idle, 1.08x with a core busy; the VAE, whose activations dominate,
-  gains nothing and is left as it is).
+- `pack_convolutions`, `pack_linears` and channels-last: torch hands oneDNN a conv's weights in PyTorch's
+  layout at every call, and oneDNN reorders them into its blocked layout each time (about 0.3 s of an SD 1.5
+  UNet step, seen with ONEDNN_VERBOSE=1); an NCHW activation is reordered too, in and out of every conv.
+  Laid out once at load, and fed NHWC samples (the backend hands the UNet a channels-last sample), the same
+  oneDNN kernels run with neither reorder; the result moves by at most one bf16 rounding (oneDNN adds the
+  bias before rounding). bf16 Linear weights laid out once give bit-identical results. Measured with
+  bench/pieces.py and the 3-round bench/speed.py (bench/RESULTS.md): a UNet step 1.29x diffusers bf16 idle.
+  The VAE runs channels-last (1.64x idle, 1.85x with a core busy) with its weights as they are (its
+  activations dominate). Compiling the UNet (torch.compile, AOTInductor) was measured and gains nothing over
+  this (bench/aoti_probe.py).
 - `ThreadGovernor`: torch runs one thread per core, and when another process keeps a core busy its threads
   wait on each other at every parallel region; one thread is then faster (bench/pieces.py: a UNet step 1.22x
   diffusers' with one core busy, against 1.00x for two threads). Before each UNet and VAE call the governor

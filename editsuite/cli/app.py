@@ -11,11 +11,13 @@ from typing import Optional
 import click
 import typer
 
-from editsuite.bundle.choices import Attention
-from editsuite.cli.options import (REFINER_OPTION, RUN_OPTIONS, AllowPickle, Inputs, Json, MaskFile, ModelConfig,
-                                   Overwrite, PredictionTypeOpt, Quiet, option_for)
+from editsuite.bundle.choices import Attention, Device, Dtype
+from editsuite.cli.options import (REFINER_OPTION, RUN_OPTIONS, AllowPickle, DeviceOpt, DtypeOpt, Inputs, Json,
+                                   MaskFile, MaxPixels, Model, ModelConfig, Overwrite, PredictionTypeOpt, Quiet,
+                                   option_for)
 from editsuite.cli.run import execute
 from editsuite.errors import UserError
+from editsuite.imaging.io import DEFAULT_MAX_PIXELS
 
 def _edit_command(task_cls):
     """The command of one edit, made from its definitions: its input pictures, its parameters (params.Param)
@@ -59,7 +61,7 @@ def build_app(tasks: dict | None = None) -> typer.Typer:
     )
     for task_cls in (TASKS if tasks is None else tasks).values():
         app.command(name=task_cls.name)(_edit_command(task_cls))
-    for tool in (info, tasks_command, batch, convert, verify):
+    for tool in (info, tasks_command, batch, convert, verify, serve):
         app.command(name=tool.__name__.removesuffix("_command"))(tool)
     return app
 
@@ -155,6 +157,24 @@ def verify(
     if failed:
         typer.echo(f"error: {', '.join(failed)} below {THRESHOLD_DB:.0f} dB", err=True)
         raise typer.Exit(1)
+
+
+def serve(
+    model: Model = None,
+    port: int = typer.Option(7860, help="Port to listen on."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on. The default answers this machine only; "
+                             "another (e.g. 0.0.0.0) lets anyone who can reach it use the studio and read its outputs."),
+    output: Path = typer.Option(Path("outputs"), "--output", "-o", help="Folder for the results (kept across "
+                                "restarts and listed in the gallery)."),
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+    device: DeviceOpt = Device.AUTO, dtype: DtypeOpt = Dtype.AUTO, allow_pickle: AllowPickle = False,
+):
+    """Start the studio, a local web page: paint a mask, run any edit with live progress, chain results."""
+    from editsuite.studio.serve import run_server
+
+    run_server(model=model, host=host, port=port, output=output, max_pixels=max_pixels,
+               load_options=dict(device=device.value, dtype=dtype.value, allow_pickle=allow_pickle),
+               say=lambda msg: typer.echo(msg, err=True))
 
 
 app = build_app()
