@@ -41,6 +41,17 @@ def timed(label: str, fn) -> None:
           round(statistics.median(times), 2), "peakGiB", peak(), "threads", torch.get_num_threads(), flush=True)
 
 
+class Plain(torch.nn.Module):
+    """The UNet with plain tensor inputs and output, as torch.export wants it (bench/compile_probe.py too)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, t, ctx):
+        return self.unet(x, t, encoder_hidden_states=ctx, return_dict=False)[0]
+
+
 def main() -> None:
     mode, variant = sys.argv[1], sys.argv[2]
     package = f"/tmp/aoti/unet-{variant}.pt2"
@@ -66,21 +77,13 @@ def main() -> None:
     print("loaded", peak(), flush=True)
     unet = backend.unet_model
 
-    class Plain(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.unet = unet
-
-        def forward(self, x, t, ctx):
-            return self.unet(x, t, encoder_hidden_states=ctx, return_dict=False)[0]
-
     if mode == "run" and variant == "eager":
         with torch.inference_mode():
             timed("eager", lambda: backend.unet(x.float(), t, ctx.float()))
     elif mode == "run":
         t0 = time.time()
         runner = torch._inductor.aoti_load_package(package)
-        module = Plain()
+        module = Plain(unet)
         weights = {**dict(module.named_parameters()), **dict(module.named_buffers())}
         names = runner.get_constant_fqns()
         runner.load_constants({n: weights[n] for n in names}, check_full_update=True, user_managed=True)
@@ -98,7 +101,7 @@ def main() -> None:
         Path(package).parent.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         with torch.no_grad():
-            exported = torch.export.export(Plain().eval(), (x, t, ctx))
+            exported = torch.export.export(Plain(unet).eval(), (x, t, ctx))
         torch._inductor.aoti_compile_and_package(exported, package_path=package, inductor_configs=configs)
         print("build", variant, round(time.time() - t0, 1), "peak", peak(), flush=True)
 

@@ -63,19 +63,11 @@ def main() -> None:
     if mode == "compile":
         backend.unet_model = torch.compile(backend.unet_model)
         return timed(mode, lambda: backend.unet(x.float(), t, ctx.float()))
-    unet = backend.unet_model
-
-    class Plain(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.unet = unet
-
-        def forward(self, x, t, ctx):
-            return self.unet(x, t, encoder_hidden_states=ctx, return_dict=False)[0]
+    from aoti_probe import Plain
 
     t0 = time.time()
     with torch.no_grad():
-        exported = torch.export.export(Plain().eval(), (x, t, ctx))
+        exported = torch.export.export(Plain(backend.unet_model).eval(), (x, t, ctx))
     torch._inductor.aoti_compile_and_package(exported, package_path=PACKAGE)
     print("export and AOTInductor compile", round(time.time() - t0, 1), flush=True)
 

@@ -111,6 +111,15 @@ def test_foreign_origins_and_hosts_are_refused(client, studio, photo):
     assert client.post("/api/jobs/1/cancel", headers={"Origin": "null"}).status_code == 403
 
 
+def test_another_host_answers_any_name_but_still_checks_origins(studio):
+    from starlette.testclient import TestClient
+
+    c = TestClient(create_app(studio, ("*",)), base_url="http://192.0.2.7:7860")  # `--host 0.0.0.0`
+    assert c.get("/api/tasks").status_code == 200
+    r = c.post("/api/jobs", data={"task": "txt2img"}, headers={"Origin": "http://evil.example"})
+    assert r.status_code == 403 and not studio.jobs
+
+
 def test_uploads_are_bounded_and_only_outputs_are_served(tmp_path, photo):
     from starlette.testclient import TestClient
 
@@ -262,6 +271,17 @@ def test_the_page_paints_a_mask_runs_inpaint_and_downloads_the_png(page, served,
     _paint(page, [(0.3, 0.3), (0.6, 0.35), (0.65, 0.6), (0.35, 0.65)])
     painted = _painted_mask(page)
     assert painted.shape == (photo.height, photo.width) and 0 < (painted > 0).mean() < 0.6
+    # the mask tools: invert flips it, undo takes that back, the eraser takes paint away, undo again
+    page.click("#invert")
+    assert np.array_equal(_painted_mask(page), 255 - painted)
+    page.click("#undo")
+    assert np.array_equal(_painted_mask(page), painted)
+    page.check("#eraser")
+    _paint(page, [(0.3, 0.3), (0.6, 0.35)])
+    assert 0 < (_painted_mask(page) > 0).sum() < (painted > 0).sum()
+    page.click("#undo")
+    page.uncheck("#eraser")
+    assert np.array_equal(_painted_mask(page), painted)
     page.select_option("#task", "inpaint")
     page.fill("textarea[name=prompt]", "a yellow circle")
     page.fill("input[name=steps]", "40")
@@ -270,6 +290,7 @@ def test_the_page_paints_a_mask_runs_inpaint_and_downloads_the_png(page, served,
     page.wait_for_selector("#status[data-state=done]", timeout=120_000)
     seen = page.evaluate("window.studioSeen")  # the bar moved: steps shown between the first and the last
     assert any(state == "running" and 0 < step < total for state, step, total in seen), seen
+    assert page.evaluate("window.studioPreviews") > 0  # and step previews were shown
     expect(page.locator(".result")).to_have_count(1)
     shot = os.environ.get("EDITSUITE_STUDIO_SCREENSHOT")
     if shot:

@@ -228,6 +228,7 @@ function show(job) {
   if (job.preview !== null && job.preview !== state.previewShown && job.state === "running") {
     state.previewShown = job.preview;
     $("preview").src = `/api/jobs/${job.id}/preview?v=${job.preview}`;
+    window.studioPreviews = (window.studioPreviews || 0) + 1;
     $("preview").hidden = false;
   }
   if (["done", "failed", "cancelled"].includes(job.state)) {
