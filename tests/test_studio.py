@@ -292,6 +292,9 @@ def test_the_page_paints_a_mask_runs_inpaint_and_downloads_the_png(page, served,
     assert any(state == "running" and 0 < step < total for state, step, total in seen), seen
     assert page.evaluate("window.studioPreviews") > 0  # and step previews were shown
     expect(page.locator(".result")).to_have_count(1)
+    page.click(".result .all-settings summary")
+    shown_settings = page.inner_text(".result .all-settings pre")
+    assert "prompt: a yellow circle" in shown_settings and "seed: 7" in shown_settings
     shot = os.environ.get("EDITSUITE_STUDIO_SCREENSHOT")
     if shot:
         page.screenshot(path=shot, full_page=True)

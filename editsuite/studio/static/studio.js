@@ -259,6 +259,14 @@ async function refreshGallery() {
     const info = document.createElement("div");
     info.className = "settings";
     info.textContent = `${s.task || ""} · seed ${s.seed} · ${s.prompt || ""}`;
+    const all = document.createElement("details");  // every setting, as the PNG's metadata holds them
+    all.className = "all-settings";
+    const summary = document.createElement("summary");
+    summary.textContent = "settings";
+    const list = document.createElement("pre");
+    list.textContent = Object.entries(s).filter(([, v]) => v !== null && typeof v !== "object")
+      .map(([k, v]) => `${k}: ${v}`).join("\n");
+    all.append(summary, list);
     const links = document.createElement("div");
     links.className = "links";
     const down = document.createElement("a");
@@ -272,7 +280,7 @@ async function refreshGallery() {
     use.className = "use";
     use.addEventListener("click", async () => openPicture(await (await fetch(it.url)).blob()).catch(showError));
     links.append(down, use);
-    card.append(img, info, links);
+    card.append(img, info, all, links);
     return card;
   }));
 }
