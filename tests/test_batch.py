@@ -169,9 +169,19 @@ def _decode(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def test_sigkill_at_random_points_then_rerun_loses_nothing(tmp_path):
+def _same_threads_everywhere(monkeypatch) -> None:
+    """bf16 results depend on the thread count, which the governor fits to the machine's load: pinned to
+    torch's own count (OMP_NUM_THREADS, inherited by the batch processes), a reference run here and the
+    batch processes compute alike whatever else the machine is doing."""
+    import torch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
+
+
+def test_sigkill_at_random_points_then_rerun_loses_nothing(tmp_path, monkeypatch):
     """>= 20 SIGKILLs at random points (during start-up, a step, a save); after each, the outputs present are
     whole and right; the rerun that completes leaves each output exactly once, equal to an uninterrupted run."""
+    _same_threads_everywhere(monkeypatch)
     _scenes(tmp_path / "in", 6)
     path = _write_recipe(tmp_path, BASE.replace("steps = 4", "steps = 3"))
     reference = _fast(load_recipe(path), tmp_path / "reference", steps=3)
@@ -393,12 +403,13 @@ sys.exit(main(["batch", recipe, "-q"]))
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="aims through /proc/self/fd (Linux)")
-def test_sigkill_aimed_at_each_window_of_a_save(tmp_path):
+def test_sigkill_aimed_at_each_window_of_a_save(tmp_path, monkeypatch):
     """SIGKILL exactly between a temporary file and its rename, then (on the rerun) between a rename and its
     journal line, then in the middle of a journal line: each leaves the state aimed at, each rerun recovers
     from it, and the last ends with each output once, equal to an uninterrupted run, each journaled once."""
     _scenes(tmp_path / "in", 4)
     path = _write_recipe(tmp_path, BASE.replace("steps = 4", "steps = 2"))
+    _same_threads_everywhere(monkeypatch)
     reference = _fast(load_recipe(path), tmp_path / "reference", steps=2)
     expected = {r.output.name: _decode(r.output) for r in Batch(reference).run()}
     out = tmp_path / "out"
