@@ -163,7 +163,8 @@ def serve(
     model: Model = None,
     port: int = typer.Option(7860, help="Port to listen on."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on. The default answers this machine only; "
-                             "another (e.g. 0.0.0.0) lets anyone who can reach it use the studio and read its outputs."),
+                             "another (e.g. 0.0.0.0) lets anyone who can reach it use the studio and read its "
+                             "outputs."),
     output: Path = typer.Option(Path("outputs"), "--output", "-o", help="Folder for the results (kept across "
                                 "restarts and listed in the gallery)."),
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
