@@ -19,7 +19,7 @@ import typer
 from editsuite.errors import UserError
 from editsuite.imaging.io import open_image, open_mask
 from editsuite.imaging.metadata import png_info, png_settings
-from editsuite.imaging.output import check_output_size, check_writable, output_paths, save_atomic
+from editsuite.imaging.output import check_writable, output_paths, save_atomic
 from editsuite.tasks.base import Task
 from editsuite.tasks.params import random_seed
 
@@ -59,14 +59,8 @@ def execute(task: type[Task], given: dict[str, Any]) -> None:
     max_pixels = opts.get("max_pixels")
     images = [open_image(p, max_pixels=max_pixels) for p in job.inputs]
     mask = open_mask(job.mask, max_pixels=max_pixels) if job.mask is not None else None
-    if mask is not None:
-        from editsuite.tasks.inpaint import checked_mask
-
-        for im in images:
-            checked_mask(im, mask, resize_mask=values["resize_mask"], invert_mask=values["invert_mask"])
     max_output = opts["max_output_pixels"]
-    sizes = [task.output_size(values, im.size if im else None) for im in images or [None]]
-    check_output_size([s for s in sizes if s is not None], values["num_images"], max_output)
+    task.check_inputs(values, images, mask, max_output)
     # 3. Plan every output name; an existing file stops the run unless --overwrite; the folders must be writable
     n, seed = values["num_images"], values["seed"]
     outs = output_paths(opts["output"], task=task.name, seeds=[seed + j for j in range(n)],
@@ -107,12 +101,11 @@ def _load(task: type[Task], opts: dict, quiet: bool):
 
     model = opts["model"]
     if model is None:
-        from editsuite.demo import NOTICE, TASK_KIND, demo_model
+        from editsuite.demo import NOT_INSTALLED, NOTICE, TASK_KIND, demo_model
 
         model = demo_model(TASK_KIND[task.name])
         if model is None:
-            raise UserError("no --model given and the built-in demo model is not installed; pass --model with a "
-                            "diffusers folder, a .safetensors checkpoint or a hub id")
+            raise UserError(NOT_INSTALLED)
         if not quiet:
             typer.echo(NOTICE.format(kind=TASK_KIND[task.name].value), err=True)
     from editsuite.bundle.coreml_layout import is_coreml_folder

@@ -14,6 +14,8 @@ FOLDERS = {ModelKind.BASE: "base", ModelKind.INPAINTING: "inpainting", ModelKind
 # the member each task uses when no model is given
 TASK_KIND = {"txt2img": ModelKind.BASE, "img2img": ModelKind.BASE, "inpaint": ModelKind.INPAINTING,
              "outpaint": ModelKind.BASE, "upscale": ModelKind.UPSCALER}
+NOT_INSTALLED = ("no --model given and the built-in demo model is not installed; pass --model with a diffusers "
+                 "folder, a .safetensors checkpoint or a hub id")
 NOTICE = ("using the built-in demo model ({kind}): it only knows simple shapes and colours; pass --model for a real "
           "Stable Diffusion checkpoint")
 

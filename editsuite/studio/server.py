@@ -31,6 +31,7 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from editsuite.errors import UserError
+from editsuite.imaging.output import DEFAULT_MAX_OUTPUT_PIXELS
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # a 50 MP PNG is about this; the pixel limit is the finer check
@@ -98,11 +99,10 @@ class Studio:
             self._bundle(None)
         else:
             from editsuite.bundle.manifest import ModelKind
-            from editsuite.demo import demo_model
+            from editsuite.demo import NOT_INSTALLED, demo_model
 
             if demo_model(ModelKind.BASE) is None:
-                raise UserError("no --model given and the built-in demo model is not installed; pass --model with a "
-                                "diffusers folder, a .safetensors checkpoint or a hub id")
+                raise UserError(NOT_INSTALLED)
         self.uploads = Path(tempfile.mkdtemp(prefix="editsuite-studio-"))
         self.worker = threading.Thread(target=self._work, name="editsuite-studio", daemon=True)
         self.worker.start()
@@ -126,7 +126,6 @@ class Studio:
         """Check everything the CLI checks before a run (the values, the pictures, the mask against the
         picture), then queue the edit. Raises UserError with the CLI's message."""
         from editsuite.imaging.io import open_image, open_mask
-        from editsuite.imaging.output import check_output_size
         from editsuite.tasks import TASKS
         from editsuite.tasks.params import random_seed
 
@@ -135,10 +134,8 @@ class Studio:
             raise UserError(f"unknown edit {task_name!r}; use one of: {', '.join(TASKS)}")
         if not isinstance(params, dict):
             raise UserError("the parameters must be a JSON object")
-        if self.model is not None and self._bundle(None).kind not in task.kinds:
-            allowed = " or ".join(k.value for k in task.kinds)
-            raise UserError(f"{task.name} needs a {allowed} model; this studio runs a {self._bundle(None).kind.value} "
-                            "model")
+        if self.model is not None:  # the task's own check that the model suits it
+            task(self._bundle(None), max_output_pixels=DEFAULT_MAX_OUTPUT_PIXELS)
         values = task.validate(params)
         if values["seed"] is None:
             values["seed"] = random_seed()
@@ -146,17 +143,12 @@ class Studio:
         if task.inputs:
             if image is None:
                 raise UserError(f"{task.name} needs a picture: open or drop one first")
-            inputs.append(self._picture(image, "image", open_image))
+            inputs.append(self._picture(image, "image", lambda p: open_image(p, max_pixels=self.max_pixels)))
         if "mask" in task.inputs:
             if mask is None:
                 raise UserError("inpaint needs a mask: paint over the part to repaint")
-            inputs.append(self._picture(mask, "mask", lambda p, **kw: open_mask(p, **kw)))
-            from editsuite.tasks.inpaint import checked_mask
-
-            checked_mask(inputs[0], inputs[1], resize_mask=values["resize_mask"], invert_mask=values["invert_mask"])
-        size = task.output_size(values, inputs[0].size if inputs else None)
-        if size is not None:
-            check_output_size([size], values["num_images"], _max_output_pixels())
+            inputs.append(self._picture(mask, "mask", lambda p: open_mask(p, max_pixels=self.max_pixels)))
+        task.check_inputs(values, inputs[:1], inputs[1] if len(inputs) > 1 else None, DEFAULT_MAX_OUTPUT_PIXELS)
         job = Job(id=str(next(self.ids)), task=task, values=values, inputs=inputs)
         with self.lock:
             self.jobs[job.id] = job
@@ -229,8 +221,7 @@ class Studio:
         try:
             path.write_bytes(data)
             try:
-                im = opener(path, max_pixels=self.max_pixels) if what == "mask" else \
-                    opener(path, what=what, max_pixels=self.max_pixels)
+                im = opener(path)
             except UserError as e:
                 raise UserError(str(e).replace(f"{what} '{path}'", f"the uploaded {what}")
                                 .replace(str(path), f"the uploaded {what}")) from None
@@ -244,12 +235,12 @@ class Studio:
         if self.model is not None:
             key, source = None, self.model
         else:
-            from editsuite.demo import TASK_KIND, demo_model
+            from editsuite.demo import NOT_INSTALLED, TASK_KIND, demo_model
 
             key = TASK_KIND[task.name]
             source = demo_model(key)
             if source is None:
-                raise UserError("the built-in demo model is not installed; start the studio with --model")
+                raise UserError(NOT_INSTALLED)
         with self.lock:
             bundle = self.bundles.get(key)
         if bundle is None:
@@ -278,7 +269,7 @@ class Studio:
 
         try:
             bundle = self._bundle(job.task)
-            runner = job.task(bundle, max_output_pixels=_max_output_pixels())
+            runner = job.task(bundle, max_output_pixels=DEFAULT_MAX_OUTPUT_PIXELS)
             result = runner.run(*job.inputs, **job.values, callback=lambda s: self._step(job, bundle, s))
             n, seed = len(result.images), job.values["seed"]
             outs = output_paths(self.output, task=job.task.name, seeds=[seed + j for j in range(n)], inputs=None,
@@ -323,12 +314,6 @@ class Studio:
             job.preview, job.preview_version = buf.getvalue(), job.preview_version + 1
             job.preview_cost, job.preview_at = time.monotonic() - now, time.monotonic()
         return not job.cancel
-
-
-def _max_output_pixels() -> int:
-    from editsuite.imaging.output import DEFAULT_MAX_OUTPUT_PIXELS
-
-    return DEFAULT_MAX_OUTPUT_PIXELS
 
 
 # -- the web app ------------------------------------------------------------------------------------------

@@ -113,6 +113,19 @@ class Task:
         return checked
 
     @classmethod
+    def check_inputs(cls, values: dict[str, Any], images: list, mask, max_output_pixels: int) -> None:
+        """What can be checked once the pictures are open, before a model loads: the mask fits each picture,
+        and the run's pictures stay within `max_output_pixels` all together (the CLI and the studio; the task
+        checks again when it runs)."""
+        if mask is not None:
+            from editsuite.tasks.inpaint import checked_mask
+
+            for im in images:
+                checked_mask(im, mask, resize_mask=values["resize_mask"], invert_mask=values["invert_mask"])
+        sizes = [cls.output_size(values, im.size if im else None) for im in images or [None]]
+        check_output_size([s for s in sizes if s is not None], values["num_images"], max_output_pixels)
+
+    @classmethod
     def check_together(cls, values: dict[str, Any]) -> None:
         """Rules between parameters (none by default)."""
 
