@@ -25,6 +25,13 @@
     mode = "derived"                 # derived: from base and the input's name (a rerun gives the same
                                      # picture per input); fixed: base for every item
 
+    [run]                            # optional: where the items run (never changes the pictures)
+    engine = "ray"                   # local (default): this process; ray: a pool of Ray workers
+    address = "auto"                 # ray: a cluster to join ("auto", "host:6379", "ray://host:10001");
+                                     # without it a local Ray instance is started
+    workers = 4                      # ray: how many workers (default: what the cluster offers)
+    gpus_per_worker = 1              # ray: GPUs each worker holds (default: 1 where the cluster has GPUs)
+
 An error names the key, the value and what is allowed.
 """
 
@@ -46,10 +53,12 @@ from editsuite.tasks.params import MAX_SEED, TYPE_NAMES, Param
 from editsuite.imaging.io import DEFAULT_MAX_PIXELS
 from editsuite.imaging.output import DEFAULT_MAX_OUTPUT_PIXELS, IMAGE_EXTENSIONS
 
-TOP_KEYS = {"task", "model", "max_pixels", "max_output_pixels", "inputs", "params", "output", "seed"}
+TOP_KEYS = {"task", "model", "max_pixels", "max_output_pixels", "inputs", "params", "output", "seed", "run"}
 INPUT_KEYS = {"images", "mask", "masks", "prompts"}
 OUTPUT_KEYS = {"folder", "name"}
 SEED_KEYS = {"base", "mode"}
+RUN_KEYS = {"engine", "address", "workers", "gpus_per_worker"}
+ENGINES = ("local", "ray")
 NAME_FIELDS = {"stem", "index", "task", "seed"}
 READ_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 NOT_PARAMS = {"seed", "num_images"}  # given per item, or one per item
@@ -69,6 +78,16 @@ class Item:
 
 
 @dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """The recipe's [run] table: which engine runs the items, and for Ray, where and on how many workers."""
+
+    engine: str = "local"
+    address: str | None = None
+    workers: int | None = None
+    gpus_per_worker: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Recipe:
     path: Path
     task: str
@@ -84,6 +103,7 @@ class Recipe:
     seed_base: int
     seed_mode: str
     max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS
+    run: RunSettings = RunSettings()  # where the items run; not part of the fingerprint (the pictures are the same)
 
     @property
     def label(self) -> str:
@@ -344,9 +364,29 @@ def load_recipe(path: str | Path) -> Recipe:
 
     recipe = Recipe(path=path, task=task, model=model, max_pixels=max_pixels, images=tuple(images), mask=mask,
                     masks=masks, prompts=tuple(prompts), params=params, folder=Path(os.path.normpath(path.parent / folder)),
-                    name=name, seed_base=seed_base, seed_mode=seed_mode, max_output_pixels=max_output_pixels)
+                    name=name, seed_base=seed_base, seed_mode=seed_mode, max_output_pixels=max_output_pixels,
+                    run=run_settings(label, _table(label, data, "run", RUN_KEYS)))
     recipe._output(stem="x", index=0, seed=0)  # a bad name pattern fails now, not on the first item
     return recipe
+
+
+def run_settings(label: str, run: dict) -> RunSettings:
+    engine = run.get("engine", "local")
+    if engine not in ENGINES:
+        _fail(label, "run.engine", engine, " or ".join(ENGINES))
+    address = run.get("address")
+    if address is not None and (not isinstance(address, str) or not address.strip()):
+        _fail(label, "run.address", address, 'a Ray address string such as "auto" or "10.0.0.5:6379"')
+    workers = run.get("workers")
+    if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or not 1 <= workers <= 4096):
+        _fail(label, "run.workers", workers, "an integer from 1 to 4096")
+    gpus = run.get("gpus_per_worker")
+    if gpus is not None and (not isinstance(gpus, (int, float)) or isinstance(gpus, bool) or not 0 <= gpus <= 64):
+        _fail(label, "run.gpus_per_worker", gpus, "a number from 0 (CPU workers) to 64")
+    if engine == "local" and (address, workers, gpus) != (None, None, None):
+        key = next(k for k in ("address", "workers", "gpus_per_worker") if k in run)
+        _fail(label, f"run.{key}", run[key], 'only the Ray engine takes it; add engine = "ray" to [run]')
+    return RunSettings(engine, address, workers, gpus)
 
 
 def _check_pattern(label: str, key: str, pattern: str, fields: set) -> None:

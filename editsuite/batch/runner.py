@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from editsuite.batch.recipe import Item, Recipe
+from editsuite.batch.recipe import Item, Recipe, run_settings
 from editsuite.errors import UserError
 
 JOURNAL = ".editsuite-batch.jsonl"
@@ -97,8 +97,15 @@ class Batch:
     """A recipe, ready to run. `Batch(recipe).run()` yields one `ItemResult` per item as it finishes; the
     model is loaded once (or pass `bundle`), and prompt encodings are reused across items."""
 
-    def __init__(self, recipe: Recipe, *, overwrite: bool = False, bundle=None):
+    def __init__(self, recipe: Recipe, *, overwrite: bool = False, bundle=None, engine: str | None = None,
+                 address: str | None = None, workers: int | None = None, gpus_per_worker: float | None = None):
         self.recipe, self.overwrite, self.bundle = recipe, overwrite, bundle
+        # where the items run: the recipe's [run] table, with what the caller gives taking precedence (the
+        # local engine, asked for, ignores the recipe's Ray settings)
+        given = {k: v for k, v in dict(engine=engine, address=address, workers=workers,
+                                       gpus_per_worker=gpus_per_worker).items() if v is not None}
+        own = {} if engine == "local" else {k: v for k, v in dataclasses.asdict(recipe.run).items() if v is not None}
+        self.settings = run_settings(recipe.label, {**own, **given})
         self.items: list[Item] = recipe.items()
         self.fingerprint = recipe.fingerprint()
         self.journal = Journal(recipe.folder, self.fingerprint)
@@ -120,13 +127,7 @@ class Batch:
 
     def _load(self):
         if self.bundle is None:
-            from editsuite.bundle.loader import load_bundle
-            from editsuite.demo import TASK_KIND, demo_model
-
-            model = self.recipe.model or demo_model(TASK_KIND[self.recipe.task])
-            if model is None:
-                raise UserError(f"{self.recipe.label}: no model given and the built-in demo model is not installed")
-            self.bundle = load_bundle(model)
+            self.bundle = load_model(self.recipe)
         return self.bundle
 
     def _clean_temporaries(self) -> None:
@@ -147,10 +148,25 @@ class Batch:
         if out is not None:
             check_output_size([out], 1, self.recipe.max_output_pixels)
 
-    def run(self, *, should_stop: Callable[[], bool] = lambda: False,
-            on_step: Callable | None = None) -> Iterator[ItemResult]:
-        from editsuite.core.loop import Cancelled
+    def run(self, *, should_stop: Callable[[], bool] = lambda: False, on_step: Callable | None = None,
+            on_notice: Callable[[str], None] | None = None) -> Iterator[ItemResult]:
+        """Run the items not finished yet, yielding each result as it comes. `on_step(item, step)` is called
+        after every denoising step (the local engine); `on_notice(text)` gets what the engine has to say (the
+        Ray engine: its workers, a worker lost and its items given to another)."""
+        todo: list[Item] = []
+        yield from self._prepare(todo)
+        if not todo:
+            return
+        if self.settings.engine == "ray":
+            from editsuite.batch.ray_engine import run_on_ray
 
+            yield from run_on_ray(self, todo, should_stop, on_notice or (lambda text: None))
+            return
+        yield from self._run_here(todo, should_stop, on_step)
+
+    def _prepare(self, todo: list[Item]) -> Iterator[ItemResult]:
+        """Yield the items that need no model (finished before, in the way, refused by the precheck) and
+        append the rest to `todo`."""
         from editsuite.imaging.output import check_writable
 
         self._clean_temporaries()
@@ -158,7 +174,6 @@ class Batch:
         plan = self.plan(records)
         if any(action == "run" for _, action in plan):
             check_writable(self.recipe.folder)  # before the journal and the model: a read-only folder, one line
-        todo = []
         for item, action in plan:
             if action == "finished":
                 rec = records.get(item.key)
@@ -173,62 +188,97 @@ class Batch:
                 try:
                     self._precheck(item)
                 except UserError as e:
-                    self.journal.record(item=item.key, status="failed", reason=str(e))
-                    yield ItemResult(item.key, "failed", None, str(e))
+                    yield self.failed(item, str(e))
                     continue
                 todo.append(item)
-        if not todo:
-            return
-        task = self._task()
-        try:  # the rules that need the model (sizes: multiples of its VAE factor) fail the recipe once, not each item
-            type(task).validate(self.recipe.params, task.bundle.manifest.vae_scale_factor)
+
+    def check_params(self, vae_scale_factor: int) -> None:
+        """The rules that need the model (sizes: multiples of its VAE factor) fail the recipe once, not each item."""
+        from editsuite.tasks import TASKS
+
+        try:
+            TASKS[self.recipe.task].validate(self.recipe.params, vae_scale_factor)
         except UserError as e:
             raise UserError(f"{self.recipe.label}: [params] for this model: {e}") from None
+
+    def failed(self, item: Item, reason: str, seconds: float = 0.0) -> ItemResult:
+        self.journal.record(item=item.key, status="failed", reason=reason)
+        return ItemResult(item.key, "failed", None, reason, seconds)
+
+    def _run_here(self, todo: list[Item], should_stop, on_step) -> Iterator[ItemResult]:
+        from editsuite.core.loop import Cancelled
+
+        task = make_task(self.recipe, self._load())
+        self.check_params(task.bundle.manifest.vae_scale_factor)
         for item in todo:
             if should_stop():
                 return
             t0 = time.time()
             try:
-                image, settings = self._one(task, item, should_stop, on_step)
+                inputs = open_inputs(self.recipe, item)
+                image, settings = make_picture(self.recipe, self.fingerprint, task, item, inputs,
+                                               lambda step: (on_step(item, step) if on_step else None,
+                                                             not should_stop())[1])
             except Cancelled:
                 return
             except UserError as e:
-                self.journal.record(item=item.key, status="failed", reason=str(e))
-                yield ItemResult(item.key, "failed", None, str(e), time.time() - t0)
+                yield self.failed(item, str(e), time.time() - t0)
                 continue
-            self._save(image, settings, item)
-            yield ItemResult(item.key, "done", item.output, None, time.time() - t0)
+            yield self.save(image, settings, item, time.time() - t0)
 
-    def _task(self):
-        from editsuite.tasks import TASKS
-
-        return TASKS[self.recipe.task](self._load(), max_output_pixels=self.recipe.max_output_pixels)
-
-    def _one(self, task, item: Item, should_stop, on_step):
-        from editsuite.imaging.io import open_image, open_mask
-
-        r = self.recipe
-        args = dict(r.params, seed=item.seed, num_images=1)
-        args["callback"] = lambda step: (on_step(item, step) if on_step else None, not should_stop())[1]
-        if not task.inputs:
-            result = task.run(prompt=item.prompt, **args)
-        else:
-            image = open_image(item.image, max_pixels=r.max_pixels)
-            if "mask" in task.inputs:
-                mask = open_mask(item.mask, max_pixels=r.max_pixels)
-                result = task.run(image, mask, **args)
-            else:
-                result = task.run(image, **args)
-        settings = {**result.image_settings(0),
-                    "batch": {"recipe": r.label, "fingerprint": self.fingerprint, "item": item.key}}
-        if item.image is not None:
-            settings["input"] = item.key
-        return result.images[0], settings
-
-    def _save(self, image, settings: dict, item: Item) -> None:
+    def save(self, image, settings: dict, item: Item, seconds: float) -> ItemResult:
+        """Write the item's picture atomically, then its journal line."""
         from editsuite.imaging.metadata import png_info, png_settings
         from editsuite.imaging.output import save_atomic
 
         save_atomic(image, item.output, pnginfo=png_info(png_settings(settings)), overwrite=self.overwrite,
                     temp_prefix=self.temp_prefix)
         self.journal.record(item=item.key, status="done", output=item.output.name, seed=item.seed)
+        return ItemResult(item.key, "done", item.output, None, seconds)
+
+
+# -- one item: shared by the local engine and the Ray workers ------------------------------------------------
+
+def load_model(recipe: Recipe):
+    """The recipe's model, or the built-in demo model for its task."""
+    from editsuite.bundle.loader import load_bundle
+    from editsuite.demo import TASK_KIND, demo_model
+
+    model = recipe.model or demo_model(TASK_KIND[recipe.task])
+    if model is None:
+        raise UserError(f"{recipe.label}: no model given and the built-in demo model is not installed")
+    return load_bundle(model)
+
+
+def make_task(recipe: Recipe, bundle):
+    from editsuite.tasks import TASKS
+
+    return TASKS[recipe.task](bundle, max_output_pixels=recipe.max_output_pixels)
+
+
+def open_inputs(recipe: Recipe, item: Item) -> tuple:
+    """The item's pictures, opened and checked: (image, mask), None where the task takes none."""
+    from editsuite.imaging.io import open_image, open_mask
+
+    image = open_image(item.image, max_pixels=recipe.max_pixels) if item.image is not None else None
+    mask = open_mask(item.mask, max_pixels=recipe.max_pixels) if item.mask is not None else None
+    return image, mask
+
+
+def make_picture(recipe: Recipe, fingerprint: str, task, item: Item, inputs: tuple, callback=None):
+    """The item's picture and the settings its PNG records. `callback(step)` returning False cancels."""
+    image, mask = inputs
+    args = dict(recipe.params, seed=item.seed, num_images=1)
+    if callback is not None:
+        args["callback"] = callback
+    if not task.inputs:
+        result = task.run(prompt=item.prompt, **args)
+    elif "mask" in task.inputs:
+        result = task.run(image, mask, **args)
+    else:
+        result = task.run(image, **args)
+    settings = {**result.image_settings(0),
+                "batch": {"recipe": recipe.label, "fingerprint": fingerprint, "item": item.key}}
+    if item.image is not None:
+        settings["input"] = item.key
+    return result.images[0], settings

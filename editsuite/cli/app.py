@@ -95,12 +95,17 @@ def tasks_command(json_out: Json = False):
 def batch(
     recipe: Path = typer.Argument(..., help="A recipe file (see tasks/*.toml)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be done; run and write nothing."),
+    ray: Optional[str] = typer.Option(
+        None, "--ray", metavar="[ADDRESS]",
+        help="Run the items on a pool of Ray workers: alone, a local Ray instance (or the recipe's [run] address); "
+             "with an address (auto, HOST:6379, ray://HOST:10001), that cluster. Needs pip install "
+             "\"editsuite[ray]\"."),
     overwrite: Overwrite = False, quiet: Quiet = False, json_out: Json = False,
 ):
     """Run one edit over many inputs from a recipe; run it again to resume after a crash or Ctrl-C."""
     from editsuite.cli.batch import run_batch
 
-    code = run_batch(recipe, dry_run=dry_run, overwrite=overwrite, quiet=quiet, as_json=json_out)
+    code = run_batch(recipe, dry_run=dry_run, overwrite=overwrite, quiet=quiet, as_json=json_out, ray=ray)
     if code:
         raise typer.Exit(code)
 
@@ -206,11 +211,22 @@ def _quiet_libraries() -> None:
         lib.disable_progress_bar()
 
 
+def _ray_flag(args: list[str]) -> list[str]:
+    """`batch --ray` takes an optional address, which click options cannot: a `--ray` not followed by an address
+    (auto, local, or HOST:PORT / ray://HOST:PORT) becomes `--ray=` (Ray, at the recipe's address or local)."""
+    if not args or args[0] != "batch" or "--ray" not in args:
+        return args
+    i = args.index("--ray")
+    after = args[i + 1] if i + 1 < len(args) else ""
+    is_address = after in ("auto", "local") or (":" in after and not after.lower().endswith(".toml"))
+    return args if is_address else args[:i] + ["--ray="] + args[i + 1:]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: bad input is one line on stderr and exit code 2, never a traceback."""
     _quiet_libraries()
     try:
-        code = app(args=argv, standalone_mode=False)  # without standalone mode, click returns Exit's code
+        code = app(args=_ray_flag(list(sys.argv[1:] if argv is None else argv)), standalone_mode=False)  # without standalone mode, click returns Exit's code
         if isinstance(code, int) and code:
             return code
     except UserError as e:

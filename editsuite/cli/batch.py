@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from pathlib import Path
 
 import typer
@@ -11,9 +12,16 @@ import typer
 from editsuite.batch import Batch, load_recipe
 
 
-def run_batch(recipe_path: Path, *, dry_run: bool, overwrite: bool, quiet: bool, as_json: bool) -> int:
+def run_batch(recipe_path: Path, *, dry_run: bool, overwrite: bool, quiet: bool, as_json: bool,
+              ray: str | None = None) -> int:
+    """`ray`: None (the recipe's engine), "" (Ray, at the recipe's address or a local instance) or an address."""
     recipe = load_recipe(recipe_path)
-    batch = Batch(recipe, overwrite=overwrite)
+    engine = dict(engine="ray", address=ray or None) if ray is not None else {}
+    batch = Batch(recipe, overwrite=overwrite, **engine)
+    if batch.settings.engine == "ray" and not dry_run:
+        from editsuite.batch.ray_engine import import_ray
+
+        import_ray()  # not installed: one line, before anything is done
     say = (lambda msg: None) if quiet or as_json else (lambda msg: typer.echo(msg, err=True))
     if dry_run:
         rows = [dict(item=i.key, action=a, output=str(i.output), seed=i.seed) for i, a in batch.plan()]
@@ -30,6 +38,7 @@ def run_batch(recipe_path: Path, *, dry_run: bool, overwrite: bool, quiet: bool,
                        "(--dry-run)")
         return 0
     say(f"batch {recipe.label}: {len(batch.items)} items, {recipe.task}, output in {recipe.folder}")
+    rate = _Rate(sum(action == "run" for _, action in batch.plan()))
 
     stop = {"asked": False}
 
@@ -55,7 +64,7 @@ def run_batch(recipe_path: Path, *, dry_run: bool, overwrite: bool, quiet: bool,
                 progress = _Progress(item.key, quiet or as_json).__enter__()
             progress.step(step)
 
-        for r in batch.run(should_stop=lambda: stop["asked"], on_step=on_step):
+        for r in batch.run(should_stop=lambda: stop["asked"], on_step=on_step, on_notice=say):
             if progress is not None:
                 progress.__exit__(None, None, None)
                 progress = None
@@ -63,9 +72,11 @@ def run_batch(recipe_path: Path, *, dry_run: bool, overwrite: bool, quiet: bool,
             results.append(dict(item=r.key, status=r.status, output=str(r.output) if r.output else None,
                                 reason=r.reason))
             if r.status == "done":
-                say(f"done      {r.key} -> {r.output} ({r.seconds:.1f} s)")
-            elif r.status in ("failed", "exists"):
-                say(f"{r.status:9s} {r.key}: {r.reason}")
+                say(f"done      {r.key} -> {r.output} ({r.seconds:.1f} s) {rate.add(r.status, r.seconds)}")
+            elif r.status == "failed":
+                say(f"failed    {r.key}: {r.reason} {rate.add(r.status, r.seconds)}")
+            elif r.status == "exists":
+                say(f"exists    {r.key}: {r.reason}")
     finally:
         signal.signal(signal.SIGINT, previous)
     left = len(batch.items) - sum(counts.values())
@@ -78,3 +89,25 @@ def run_batch(recipe_path: Path, *, dry_run: bool, overwrite: bool, quiet: bool,
     if stop["asked"]:
         return 130
     return 1 if counts["failed"] or counts["exists"] else 0
+
+
+class _Rate:
+    """Items made or failed in this run, their pace (per second, from the first one to the last) and the time
+    left at that pace; items refused before any picture is made do not count toward the pace."""
+
+    def __init__(self, todo: int):
+        self.todo, self.done, self.failed, self.first, self.paced = todo, 0, 0, None, 0
+
+    def add(self, status: str, seconds: float) -> str:
+        self.done += status == "done"
+        self.failed += status == "failed"
+        n, now = self.done + self.failed, time.time()
+        if seconds > 0:  # an item a model worked on
+            self.first = now if self.first is None else self.first
+            self.paced += 1
+        pace = ""
+        if self.paced >= 2 and now > self.first:
+            per_second = (self.paced - 1) / (now - self.first)
+            left = max(self.todo - n, 0) / per_second
+            pace = f", {per_second:.2f} items/s, ETA {int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
+        return f"[{n}/{self.todo}, {self.failed} failed{pace}]"

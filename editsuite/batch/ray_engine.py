@@ -1,0 +1,295 @@
+"""A recipe's items run on a Ray cluster: `editsuite batch RECIPE --ray [ADDRESS]`, or `[run] engine = "ray"`.
+
+Ray does what it is built for here: starting or joining a cluster, placing a pool of model-holding workers
+(actors) on its CPUs and GPUs, moving pictures between machines, and telling us when a worker or a node is gone.
+What it does not give is this batch's bookkeeping, so the driver (the process running the batch) keeps it:
+
+- Where things live. The driver owns every file: it reads and checks each input picture, sends the opened
+  picture to a worker, gets the finished picture back and writes it (atomically) and its journal line itself,
+  exactly as the local engine does. Outputs and the journal are therefore on the driver's machine, and a rerun
+  of the same command resumes as after a local run; no storage has to be shared for pictures. Each worker loads
+  the model itself: the recipe's `model` must be readable at the same path on every node (shared storage, or a
+  copy at the same path; a hub id from each node's cache), and the built-in demo model comes with editsuite,
+  which every node needs installed anyway.
+- Nothing done twice, nothing lost. Only the driver writes, and it writes an item once, when its picture comes
+  back. A worker that dies (its process killed, out of memory, its node lost) loses only the items it held; they
+  go back to the queue and to another worker, and a new worker is started in its place. An item whose worker
+  died RETRIES times is recorded as failed (it may be what kills them) and the batch goes on.
+- Bad items are found by the driver (a corrupt picture, a mask of another size) or by the worker (the task's
+  own checks) and recorded with their reason, as locally.
+- The same pictures. A worker runs the same code on the same inputs and seed as the local engine; with the same
+  thread count (Ray gives a CPU worker as many threads as it has CPUs, or OMP_NUM_THREADS where the user set
+  it) the pictures are equal pixel for pixel.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+from typing import Callable, Iterator
+
+from editsuite.batch.recipe import Item, Recipe
+from editsuite.batch.runner import Batch, ItemResult, make_picture, make_task, load_model
+from editsuite.errors import UserError
+
+INSTALL = 'the Ray engine needs Ray, which is not installed; install it with: pip install "editsuite[ray]"'
+RETRIES = 3  # deaths of an item's worker before the item is recorded as failed
+IN_FLIGHT = 2  # items queued on each worker, so that it never waits for the driver between two items
+THREADS = 4  # CPU workers: threads (CPUs) each, fewer where a node has fewer; more workers beat more threads
+POLL = 0.2  # seconds between looks at should_stop while waiting for pictures
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise UserError(INSTALL) from None
+    return ray
+
+
+class WorkerUnusable(Exception):
+    """This worker cannot make pictures (its node cannot load the model); the others may."""
+
+
+class EditsuiteWorker:
+    """A Ray actor: loads the model once, then makes the pictures of the items sent to it."""
+
+    def __init__(self, recipe: Recipe, fingerprint: str):
+        # threads: Ray sets OMP_NUM_THREADS to the worker's CPUs (or keeps the one the user set), which torch
+        # follows and editsuite's thread governor leaves alone
+        self.recipe, self.fingerprint = recipe, fingerprint
+        self.task = self.unusable = None
+        try:
+            self.task = make_task(recipe, load_model(recipe))
+        except UserError as e:  # reported by ready() and make(): a node without the model is not a crash
+            self.unusable = str(e)
+
+    def ready(self) -> dict:
+        if self.unusable:
+            raise WorkerUnusable(self.unusable)
+        import ray
+
+        return dict(vae_scale_factor=self.task.bundle.manifest.vae_scale_factor, pid=os.getpid(),
+                    node=ray.get_runtime_context().get_node_id())
+
+    def make(self, item: Item, inputs: tuple) -> tuple:
+        """("done", picture, settings, seconds) or ("failed", reason, None, seconds)."""
+        if self.unusable:
+            raise WorkerUnusable(self.unusable)
+        t0 = time.time()
+        try:
+            image, settings = make_picture(self.recipe, self.fingerprint, self.task, item, inputs)
+        except UserError as e:
+            return "failed", str(e), None, time.time() - t0
+        return "done", image, settings, time.time() - t0
+
+
+def connect(ray, address: str | None) -> bool:
+    """Join the cluster at `address`, or start a local Ray instance ("local" or none); True if this call started
+    or joined it (and so shuts it down after), False where the caller's program had already connected."""
+    if ray.is_initialized():
+        return False
+    kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    try:
+        if address in (None, "local"):
+            ray.init(**kwargs)
+        else:
+            ray.init(address=address, **kwargs)
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        where = "start a local Ray instance" if address in (None, "local") else f"join the Ray cluster at {address}"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot {where} ({first}); check the address, or omit it to run a local instance") from None
+    return True
+
+
+def layout(ray, workers: int | None, gpus_per_worker: float | None) -> tuple[int, float, float]:
+    """(workers, CPUs each, GPUs each): one worker per GPU where the cluster has GPUs, else CPU workers of
+    THREADS threads (fewer on a smaller node) filling its CPUs; `workers` and `gpus_per_worker` override."""
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    if gpus_per_worker is None:
+        gpus_per_worker = 1 if gpus >= 1 else 0
+    if gpus_per_worker > 0:
+        if gpus < gpus_per_worker:
+            raise UserError(f"run.gpus_per_worker = {gpus_per_worker:g}, but the Ray cluster has {gpus:g} GPUs; "
+                            "set it to 0 for CPU workers")
+        fit = int(gpus // gpus_per_worker)
+        count = workers or fit
+        if count > fit:
+            raise UserError(f"run.workers = {count} with {gpus_per_worker:g} GPU each needs {count * gpus_per_worker:g} "
+                            f"GPUs; the Ray cluster has {gpus:g}")
+        return count, min(1, cpus / count), gpus_per_worker
+    node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    smallest = min((c for c in node_cpus if c >= 1), default=0)
+    if smallest < 1:
+        raise UserError("the Ray cluster has no CPUs for workers")
+    if workers is None:
+        each = min(THREADS, int(smallest))
+        return max(1, int(sum(c // each for c in node_cpus))), each, 0
+    if workers > int(cpus):
+        raise UserError(f"run.workers = {workers}, but the Ray cluster has {cpus:g} CPUs; use at most {int(cpus)}")
+    each = max(1, min(int(smallest), int(cpus // workers)))
+    return workers, each, 0
+
+
+class _Pool:
+    """The workers, each with the items it holds; dead ones replaced, up to a limit."""
+
+    def __init__(self, ray, batch: Batch, count: int, cpus: float, gpus: float):
+        self.ray, self.batch = ray, batch
+        self.cls = ray.remote(EditsuiteWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=0,
+                                                       max_concurrency=1)
+        self.args = (batch.recipe, batch.fingerprint)
+        self.held: dict = {}  # worker -> its in-flight refs
+        self.replacements = 2 * count + 2
+        for _ in range(count):
+            self.start()
+
+    def start(self):
+        worker = self.cls.remote(*self.args)
+        self.held[worker] = set()
+        return worker
+
+    def replace(self, worker) -> bool:
+        """Drop a dead worker and start another in its place, if the limit allows."""
+        self.drop(worker)
+        if self.replacements <= 0:
+            return False
+        self.replacements -= 1
+        self.start()
+        return True
+
+    def drop(self, worker) -> None:
+        self.held.pop(worker, None)
+        try:
+            self.ray.kill(worker, no_restart=True)
+        except Exception:  # already gone
+            pass
+
+    def free(self):
+        """A worker with room for another item, the least busy first, or None."""
+        worker = min(self.held, key=lambda w: len(self.held[w]), default=None)
+        return worker if worker is not None and len(self.held[worker]) < IN_FLIGHT else None
+
+    def close(self) -> None:
+        for worker in list(self.held):
+            self.drop(worker)
+
+
+def run_on_ray(batch: Batch, todo: list[Item], should_stop: Callable[[], bool],
+               notice: Callable[[str], None]) -> Iterator[ItemResult]:
+    from editsuite.batch.runner import open_inputs
+
+    ray = import_ray()
+    settings = batch.settings
+    joined = connect(ray, settings.address)
+    pool = None
+    try:
+        count, cpus, gpus = layout(ray, settings.workers, settings.gpus_per_worker)
+        count = min(count, len(todo))
+        what = f"{gpus:g} GPU" if gpus else f"{cpus:g} CPU"
+        notice(f"ray: {count} worker{'s' * (count != 1)} ({what} each) on {len(ray.nodes())} node(s); "
+               "outputs and the journal are written here")
+        pool = _Pool(ray, batch, count, cpus, gpus)
+        _first_ready(ray, pool, batch, should_stop)
+        queue = collections.deque(todo)
+        deaths: collections.Counter = collections.Counter()
+        flying: dict = {}  # ref -> (worker, item)
+        while queue or flying:
+            if should_stop():
+                return
+            while queue and (worker := pool.free()) is not None:
+                item = queue.popleft()
+                t0 = time.time()
+                try:
+                    inputs = open_inputs(batch.recipe, item)
+                except UserError as e:
+                    yield batch.failed(item, str(e), time.time() - t0)
+                    continue
+                ref = worker.make.remote(item, inputs)
+                pool.held[worker].add(ref)
+                flying[ref] = (worker, item)
+            if not flying:
+                continue
+            ready, _ = ray.wait(list(flying), num_returns=1, timeout=POLL)
+            for ref in ready:
+                worker, item = flying.pop(ref)
+                try:
+                    status, value, settings_, seconds = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
+                    if not isinstance(e.cause, WorkerUnusable):
+                        raise e.cause from None  # a bug in editsuite: as loud as in the local engine
+                    _lost(pool, flying, worker, queue, None, notice, f"a worker cannot work: {e.cause}")
+                    queue.appendleft(item)
+                    continue
+                except ray.exceptions.RayError as e:  # the worker died: killed, out of memory, node lost
+                    if should_stop():
+                        return
+                    failed = _lost(pool, flying, worker, queue, deaths, notice,
+                                   f"a worker was lost ({type(e).__name__})", item)
+                    for lost_item in failed:
+                        yield batch.failed(lost_item, f"its Ray worker died {RETRIES} times while making it "
+                                                      "(killed, out of memory, or its node lost)")
+                    continue
+                pool.held.get(worker, set()).discard(ref)
+                if status == "failed":
+                    yield batch.failed(item, value, seconds)
+                else:
+                    yield batch.save(value, settings_, item, seconds)
+            if not pool.held:
+                raise UserError(f"every Ray worker was lost ({RETRIES} deaths per item allowed, "
+                                f"{2 * count + 2} replacements); {len(queue) + len(flying)} items are left for a "
+                                "rerun of the same command")
+    finally:
+        if pool is not None:
+            pool.close()
+        if joined:
+            ray.shutdown()
+
+
+def _first_ready(ray, pool: _Pool, batch: Batch, should_stop) -> None:
+    """Wait for one worker to load the model, then check the parameters against it once for the recipe."""
+    waiting = {w.ready.remote(): w for w in pool.held}
+    problems = []
+    while waiting:
+        ready, _ = ray.wait(list(waiting), num_returns=1, timeout=POLL)
+        if should_stop():
+            return
+        for ref in ready:
+            worker = waiting.pop(ref)
+            try:
+                info = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                if not isinstance(e.cause, WorkerUnusable):
+                    raise e.cause from None
+                problems.append(str(e.cause))
+                pool.drop(worker)
+                continue
+            except ray.exceptions.RayError:  # died while loading: its place is taken by another
+                pool.replace(worker)
+                continue
+            batch.check_params(info["vae_scale_factor"])
+            return
+        if not pool.held:
+            raise UserError(problems[0] if problems else "no Ray worker could start")
+
+
+def _lost(pool: _Pool, flying: dict, worker, queue, deaths, notice, why: str, item: Item | None = None) -> list:
+    """A worker is gone: its items go back to the front of the queue (those whose worker died RETRIES times
+    are returned, to be recorded as failed), and another worker takes its place."""
+    items = ([item] if item is not None else []) + [flying.pop(r)[1] for r in list(pool.held.get(worker, ()))
+                                                      if r in flying]
+    failed = []
+    for it in reversed(items):
+        if deaths is not None:
+            deaths[it.key] += 1
+            if deaths[it.key] >= RETRIES:
+                failed.append(it)
+                continue
+        queue.appendleft(it)
+    started = pool.replace(worker) if deaths is not None else (pool.drop(worker), False)[1]
+    notice(f"ray: {why}; {len(items) - len(failed)} item(s) go to another worker"
+           + ("; a new worker is starting" if started else ""))
+    return failed
