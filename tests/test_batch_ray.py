@@ -13,11 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import PIL.Image
 import pytest
 import torch
 
-from editsuite.batch import Batch, load_recipe
+from editsuite.batch import Batch, Item, load_recipe
 from editsuite.batch.runner import JOURNAL
 from editsuite.cli.app import _ray_flag, main
 from editsuite.errors import UserError
@@ -48,12 +47,21 @@ def test_ray_pictures_equal_the_local_engine_and_a_bad_item_is_recorded(tmp_path
     path = _write_recipe(tmp_path, ON_RAY)
     expected = _reference(path, tmp_path / "reference")
     assert len(expected) == 12
+    (tmp_path / "broken-model").mkdir()
+    broken = dataclasses.replace(load_recipe(path), model=str(tmp_path / "broken-model"),
+                                 folder=tmp_path / "broken-out")
+    with pytest.raises(UserError) as local_error:
+        list(Batch(broken, engine="local").run())
     notices = []
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
         results = list(Batch(load_recipe(path)).run(on_notice=notices.append))  # [run] engine = "ray"
+        with pytest.raises(UserError) as ray_error:  # a model no worker can load: the local engine's one line
+            list(Batch(broken).run())
     finally:
         ray.shutdown()
+    assert str(ray_error.value) == str(local_error.value)
+    assert not list((tmp_path / "broken-out").glob("*.png"))
     assert "ray: 2 workers (1 CPU each)" in notices[0], notices
     assert sorted(r.status for r in results) == ["done"] * 12 + ["failed"]
     (bad,) = [r for r in results if r.status == "failed"]
@@ -196,3 +204,78 @@ def test_run_table_errors_name_key_value_and_what_is_allowed(tmp_path, run, mess
 ])
 def test_ray_takes_an_optional_address(args, expected):
     assert _ray_flag(args) == expected
+
+
+class _FakeCluster:
+    """What layout() asks of Ray: the cluster's resources and its nodes'."""
+
+    def __init__(self, *nodes: dict):
+        self._nodes = [dict(Alive=True, Resources=n) for n in nodes]
+
+    def nodes(self):
+        return self._nodes
+
+    def cluster_resources(self):
+        total: dict = {}
+        for n in self._nodes:
+            for k, v in n["Resources"].items():
+                total[k] = total.get(k, 0) + v
+        return total
+
+
+GIB = 1 << 30
+
+
+@pytest.mark.parametrize("nodes, workers, gpus, memory_each, expected", [
+    ([dict(CPU=2, memory=16 * GIB)], None, None, GIB, (1, 2, 0)),  # this machine: one worker, two threads
+    ([dict(CPU=16, memory=64 * GIB)], None, None, GIB, (4, 4, 0)),  # four threads a worker
+    ([dict(CPU=16, memory=12 * GIB)], None, None, 5 * GIB, (2, 4, 0)),  # as many as the memory holds
+    ([dict(CPU=16, memory=12 * GIB)], None, None, 0, (4, 4, 0)),  # a hub id: memory unknown
+    ([dict(CPU=8, memory=GIB), dict(CPU=3, memory=GIB)], None, None, 0, (3, 3, 0)),  # the smaller node's size
+    ([dict(CPU=2, memory=16 * GIB)], 2, None, GIB, (2, 1, 0)),
+    ([dict(CPU=16, GPU=2, memory=64 * GIB)], None, None, GIB, (2, 1, 1)),  # one worker per GPU
+    ([dict(CPU=16, GPU=2, memory=64 * GIB)], None, 0.5, GIB, (4, 1, 0.5)),
+    ([dict(CPU=16, GPU=2, memory=64 * GIB)], None, 0, GIB, (4, 4, 0)),  # GPUs left alone
+])
+def test_workers_default_to_what_the_cluster_offers(nodes, workers, gpus, memory_each, expected):
+    from editsuite.batch.ray_engine import layout
+
+    assert layout(_FakeCluster(*nodes), workers, gpus, memory_each) == expected
+
+
+@pytest.mark.parametrize("nodes, workers, gpus, message", [
+    ([dict(CPU=2)], 3, None, "run.workers = 3, but the Ray cluster has 2 CPUs; use at most 2"),
+    ([dict(CPU=2)], None, 1, "run.gpus_per_worker = 1, but the Ray cluster has 0 GPUs; set it to 0"),
+    ([dict(CPU=8, GPU=2)], 3, None, "run.workers = 3 with 1 GPU each needs 3 GPUs; the Ray cluster has 2"),
+    ([dict(GPU=0)], None, None, "the Ray cluster has no CPUs for workers"),
+])
+def test_a_layout_the_cluster_cannot_hold_is_one_line(nodes, workers, gpus, message):
+    from editsuite.batch.ray_engine import layout
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        layout(_FakeCluster(*nodes), workers, gpus, 0)
+
+
+def test_an_item_whose_worker_dies_three_times_is_failed_the_others_go_back():
+    from editsuite.batch import ray_engine
+
+    class Pool:
+        def __init__(self):
+            self.held, self.replaced, self.last_loss = {"w": {"r1", "r2"}}, 0, ""
+
+        def replace(self, worker):
+            self.held.pop(worker)
+            self.replaced += 1
+            return True
+
+    def item(key):
+        return Item(key, 0, None, None, key, 0, Path(key + ".png"))
+
+    a, b, c = item("a"), item("b"), item("c")
+    queue, notices = ray_engine.collections.deque([c]), []
+    deaths = ray_engine.collections.Counter({"a": ray_engine.RETRIES - 1})
+    pool, flying = Pool(), {"r1": ("w", a), "r2": ("w", b)}
+    flying.pop("r1")  # the ref that raised: its item is given alongside
+    failed = ray_engine._lost(pool, flying, "w", a, queue, deaths, notices.append, "a worker was lost (X)")
+    assert failed == [a] and list(queue) == [b, c] and not flying and pool.replaced == 1
+    assert notices == ["ray: a worker was lost (X); 1 item(s) go to another worker; a new worker is starting"]

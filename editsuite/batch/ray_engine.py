@@ -28,10 +28,11 @@ import collections
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Callable, Iterator
 
 from editsuite.batch.recipe import Item, Recipe
-from editsuite.batch.runner import Batch, ItemResult, make_picture, make_task, load_model
+from editsuite.batch.runner import Batch, ItemResult, load_model, make_picture, make_task
 from editsuite.errors import UserError
 
 INSTALL = 'the Ray engine needs Ray, which is not installed; install it with: pip install "editsuite[ray]"'
@@ -39,6 +40,8 @@ RETRIES = 3  # deaths of an item's worker before the item is recorded as failed
 IN_FLIGHT = 2  # items queued on each worker, so that it never waits for the driver between two items
 THREADS = 4  # CPU workers: threads (CPUs) each, fewer where a node has fewer; more workers beat more threads
 POLL = 0.2  # seconds between looks at should_stop while waiting for pictures
+WEIGHT_SUFFIXES = {".safetensors", ".bin", ".ckpt", ".pt", ".pth"}
+COMPUTE_MEMORY = 1 << 30  # a worker's memory beyond its weights (activations, the picture, the interpreter)
 
 
 def import_ray():
@@ -63,7 +66,7 @@ class EditsuiteWorker:
         self.task = self.unusable = None
         try:
             self.task = make_task(recipe, load_model(recipe))
-        except UserError as e:  # reported by ready() and make(): a node without the model is not a crash
+        except UserError as e:  # reported by ready(): a node without the model is not a crash
             self.unusable = str(e)
 
     def ready(self) -> dict:
@@ -75,9 +78,8 @@ class EditsuiteWorker:
                     node=ray.get_runtime_context().get_node_id())
 
     def make(self, item: Item, inputs: tuple) -> tuple:
-        """("done", picture, settings, seconds) or ("failed", reason, None, seconds)."""
-        if self.unusable:
-            raise WorkerUnusable(self.unusable)
+        """("done", picture, settings, seconds) or ("failed", reason, None, seconds); only sent once ready()
+        answered."""
         t0 = time.time()
         try:
             image, settings = make_picture(self.recipe, self.fingerprint, self.task, item, inputs)
@@ -104,9 +106,10 @@ def connect(ray, address: str | None) -> bool:
     return True
 
 
-def layout(ray, workers: int | None, gpus_per_worker: float | None) -> tuple[int, float, float]:
+def layout(ray, workers: int | None, gpus_per_worker: float | None, memory_each: int) -> tuple[int, float, float]:
     """(workers, CPUs each, GPUs each): one worker per GPU where the cluster has GPUs, else CPU workers of
-    THREADS threads (fewer on a smaller node) filling its CPUs; `workers` and `gpus_per_worker` override."""
+    THREADS threads (fewer on a smaller node) filling each node's CPUs, as many as its memory holds
+    (`memory_each` bytes a worker); `workers` and `gpus_per_worker` override."""
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
     if gpus_per_worker is None:
@@ -118,39 +121,58 @@ def layout(ray, workers: int | None, gpus_per_worker: float | None) -> tuple[int
         fit = int(gpus // gpus_per_worker)
         count = workers or fit
         if count > fit:
-            raise UserError(f"run.workers = {count} with {gpus_per_worker:g} GPU each needs {count * gpus_per_worker:g} "
-                            f"GPUs; the Ray cluster has {gpus:g}")
+            raise UserError(f"run.workers = {count} with {gpus_per_worker:g} GPU each needs "
+                            f"{count * gpus_per_worker:g} GPUs; the Ray cluster has {gpus:g}")
         return count, min(1, cpus / count), gpus_per_worker
-    node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
-    smallest = min((c for c in node_cpus if c >= 1), default=0)
-    if smallest < 1:
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1]
+    if not nodes:
         raise UserError("the Ray cluster has no CPUs for workers")
+    smallest = int(min(n["CPU"] for n in nodes))
     if workers is None:
-        each = min(THREADS, int(smallest))
-        return max(1, int(sum(c // each for c in node_cpus))), each, 0
+        each = min(THREADS, smallest)
+        fit = [int(n["CPU"] // each) if not memory_each else min(int(n["CPU"] // each),
+                                                                 int(n.get("memory", 0) // memory_each))
+               for n in nodes]
+        return max(1, sum(fit)), each, 0
     if workers > int(cpus):
         raise UserError(f"run.workers = {workers}, but the Ray cluster has {cpus:g} CPUs; use at most {int(cpus)}")
-    each = max(1, min(int(smallest), int(cpus // workers)))
-    return workers, each, 0
+    return workers, max(1, min(smallest, int(cpus // workers))), 0
+
+
+def worker_memory(recipe: Recipe) -> int:
+    """Bytes of memory to reserve for a worker: its model's weight files plus room to compute (Ray places no
+    more workers on a node than its memory holds); 0 where the model is not a local path (a hub id)."""
+    from editsuite.demo import TASK_KIND, demo_model
+
+    source = recipe.model or demo_model(TASK_KIND[recipe.task])
+    path = Path(source) if source is not None else None
+    if path is None or not path.exists():
+        return 0
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.suffix in WEIGHT_SUFFIXES]
+    return sum(p.stat().st_size for p in files) + COMPUTE_MEMORY
 
 
 class _Pool:
-    """The workers, each with the items it holds; dead ones replaced, up to a limit."""
+    """The workers: those loading the model (each with its ready() call), those ready with the items they hold;
+    a dead one is replaced, up to a limit."""
 
-    def __init__(self, ray, batch: Batch, count: int, cpus: float, gpus: float):
-        self.ray, self.batch = ray, batch
-        self.cls = ray.remote(EditsuiteWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=0,
-                                                       max_concurrency=1)
+    def __init__(self, ray, batch: Batch, count: int, cpus: float, gpus: float, memory: int):
+        self.ray = ray
+        largest = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+        memory = min(memory, int(largest))  # a request no node can meet would wait forever
+        self.cls = ray.remote(EditsuiteWorker).options(num_cpus=cpus, num_gpus=gpus, memory=memory or None,
+                                                       max_restarts=0)
         self.args = (batch.recipe, batch.fingerprint)
-        self.held: dict = {}  # worker -> its in-flight refs
+        self.loading: dict = {}  # ready() ref -> worker
+        self.held: dict = {}  # ready worker -> its in-flight refs
         self.replacements = 2 * count + 2
+        self.last_loss = ""
         for _ in range(count):
             self.start()
 
-    def start(self):
+    def start(self) -> None:
         worker = self.cls.remote(*self.args)
-        self.held[worker] = set()
-        return worker
+        self.loading[worker.ready.remote()] = worker
 
     def replace(self, worker) -> bool:
         """Drop a dead worker and start another in its place, if the limit allows."""
@@ -169,79 +191,30 @@ class _Pool:
             pass
 
     def free(self):
-        """A worker with room for another item, the least busy first, or None."""
+        """A ready worker with room for another item, the least busy first, or None."""
         worker = min(self.held, key=lambda w: len(self.held[w]), default=None)
         return worker if worker is not None and len(self.held[worker]) < IN_FLIGHT else None
 
     def close(self) -> None:
-        for worker in list(self.held):
+        for worker in list(self.held) + list(self.loading.values()):
             self.drop(worker)
 
 
 def run_on_ray(batch: Batch, todo: list[Item], should_stop: Callable[[], bool],
                notice: Callable[[str], None]) -> Iterator[ItemResult]:
-    from editsuite.batch.runner import open_inputs
-
     ray = import_ray()
     settings = batch.settings
     joined = connect(ray, settings.address)
     pool = None
     try:
-        count, cpus, gpus = layout(ray, settings.workers, settings.gpus_per_worker)
+        memory = worker_memory(batch.recipe)
+        count, cpus, gpus = layout(ray, settings.workers, settings.gpus_per_worker, memory)
         count = min(count, len(todo))
         what = f"{gpus:g} GPU" if gpus else f"{cpus:g} CPU"
         notice(f"ray: {count} worker{'s' * (count != 1)} ({what} each) on {len(ray.nodes())} node(s); "
                "outputs and the journal are written here")
-        pool = _Pool(ray, batch, count, cpus, gpus)
-        _first_ready(ray, pool, batch, should_stop)
-        queue = collections.deque(todo)
-        deaths: collections.Counter = collections.Counter()
-        flying: dict = {}  # ref -> (worker, item)
-        while queue or flying:
-            if should_stop():
-                return
-            while queue and (worker := pool.free()) is not None:
-                item = queue.popleft()
-                t0 = time.time()
-                try:
-                    inputs = open_inputs(batch.recipe, item)
-                except UserError as e:
-                    yield batch.failed(item, str(e), time.time() - t0)
-                    continue
-                ref = worker.make.remote(item, inputs)
-                pool.held[worker].add(ref)
-                flying[ref] = (worker, item)
-            if not flying:
-                continue
-            ready, _ = ray.wait(list(flying), num_returns=1, timeout=POLL)
-            for ref in ready:
-                worker, item = flying.pop(ref)
-                try:
-                    status, value, settings_, seconds = ray.get(ref)
-                except ray.exceptions.RayTaskError as e:
-                    if not isinstance(e.cause, WorkerUnusable):
-                        raise e.cause from None  # a bug in editsuite: as loud as in the local engine
-                    _lost(pool, flying, worker, queue, None, notice, f"a worker cannot work: {e.cause}")
-                    queue.appendleft(item)
-                    continue
-                except ray.exceptions.RayError as e:  # the worker died: killed, out of memory, node lost
-                    if should_stop():
-                        return
-                    failed = _lost(pool, flying, worker, queue, deaths, notice,
-                                   f"a worker was lost ({type(e).__name__})", item)
-                    for lost_item in failed:
-                        yield batch.failed(lost_item, f"its Ray worker died {RETRIES} times while making it "
-                                                      "(killed, out of memory, or its node lost)")
-                    continue
-                pool.held.get(worker, set()).discard(ref)
-                if status == "failed":
-                    yield batch.failed(item, value, seconds)
-                else:
-                    yield batch.save(value, settings_, item, seconds)
-            if not pool.held:
-                raise UserError(f"every Ray worker was lost ({RETRIES} deaths per item allowed, "
-                                f"{2 * count + 2} replacements); {len(queue) + len(flying)} items are left for a "
-                                "rerun of the same command")
+        pool = _Pool(ray, batch, count, cpus, gpus, memory)
+        yield from _drive(ray, pool, batch, todo, should_stop, notice)
     finally:
         if pool is not None:
             pool.close()
@@ -249,47 +222,91 @@ def run_on_ray(batch: Batch, todo: list[Item], should_stop: Callable[[], bool],
             ray.shutdown()
 
 
-def _first_ready(ray, pool: _Pool, batch: Batch, should_stop) -> None:
-    """Wait for one worker to load the model, then check the parameters against it once for the recipe."""
-    waiting = {w.ready.remote(): w for w in pool.held}
-    problems = []
-    while waiting:
-        ready, _ = ray.wait(list(waiting), num_returns=1, timeout=POLL)
+def _drive(ray, pool: _Pool, batch: Batch, todo: list[Item], should_stop, notice) -> Iterator[ItemResult]:
+    """Items to ready workers (IN_FLIGHT each), pictures back to disk, lost workers' items to others. No item
+    goes out before a worker has loaded the model and the parameters are checked against it."""
+    from editsuite.batch.runner import open_inputs
+
+    queue = collections.deque(todo)
+    deaths: collections.Counter = collections.Counter()
+    flying: dict = {}  # ref -> (worker, item)
+    checked, problems = False, []
+    while queue or flying:
         if should_stop():
             return
-        for ref in ready:
-            worker = waiting.pop(ref)
+        while checked and queue and (worker := pool.free()) is not None:
+            item = queue.popleft()
+            t0 = time.time()
             try:
-                info = ray.get(ref)
+                inputs = open_inputs(batch.recipe, item)
+            except UserError as e:
+                yield batch.failed(item, str(e), time.time() - t0)
+                continue
+            ref = worker.make.remote(item, inputs)
+            pool.held[worker].add(ref)
+            flying[ref] = (worker, item)
+        if not pool.held and not pool.loading:
+            if problems:
+                raise UserError(problems[-1])
+            raise UserError(f"every Ray worker was lost (the last: {pool.last_loss}); {len(queue) + len(flying)} "
+                            "items are left for a rerun of the same command")
+        if not flying and not pool.loading:
+            continue
+        ready, _ = ray.wait(list(flying) + list(pool.loading), num_returns=1, timeout=POLL)
+        for ref in ready:
+            if ref in pool.loading:  # a worker has loaded the model, or could not
+                worker = pool.loading.pop(ref)
+                try:
+                    info = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
+                    if not isinstance(e.cause, WorkerUnusable):
+                        raise e.cause from None  # a bug in editsuite: as loud as in the local engine
+                    problems.append(str(e.cause))
+                    notice(f"ray: a worker cannot work: {e.cause}")
+                    pool.drop(worker)
+                    continue
+                except ray.exceptions.RayError as e:  # died while loading: another takes its place
+                    pool.last_loss = f"a worker was lost while loading the model ({type(e).__name__})"
+                    pool.replace(worker)
+                    continue
+                if not checked:
+                    batch.check_params(info["vae_scale_factor"])
+                    checked = True
+                pool.held[worker] = set()
+                continue
+            worker, item = flying.pop(ref)
+            try:
+                status, value, picture_settings, seconds = ray.get(ref)
             except ray.exceptions.RayTaskError as e:
-                if not isinstance(e.cause, WorkerUnusable):
-                    raise e.cause from None
-                problems.append(str(e.cause))
-                pool.drop(worker)
+                raise e.cause from None
+            except ray.exceptions.RayError as e:  # the worker died: killed, out of memory, its node lost
+                if should_stop():
+                    return
+                for lost in _lost(pool, flying, worker, item, queue, deaths, notice,
+                                  f"a worker was lost ({type(e).__name__})"):
+                    yield batch.failed(lost, f"its Ray worker died {RETRIES} times while making it (killed, out of "
+                                             "memory, or its node lost)")
                 continue
-            except ray.exceptions.RayError:  # died while loading: its place is taken by another
-                pool.replace(worker)
-                continue
-            batch.check_params(info["vae_scale_factor"])
-            return
-        if not pool.held:
-            raise UserError(problems[0] if problems else "no Ray worker could start")
+            pool.held.get(worker, set()).discard(ref)
+            if status == "failed":
+                yield batch.failed(item, value, seconds)
+            else:
+                yield batch.save(value, picture_settings, item, seconds)
 
 
-def _lost(pool: _Pool, flying: dict, worker, queue, deaths, notice, why: str, item: Item | None = None) -> list:
-    """A worker is gone: its items go back to the front of the queue (those whose worker died RETRIES times
-    are returned, to be recorded as failed), and another worker takes its place."""
-    items = ([item] if item is not None else []) + [flying.pop(r)[1] for r in list(pool.held.get(worker, ()))
-                                                      if r in flying]
+def _lost(pool: _Pool, flying: dict, worker, item: Item, queue, deaths, notice, why: str) -> list[Item]:
+    """A worker is gone: its items go back to the front of the queue, except those whose worker died RETRIES
+    times (returned, to be recorded as failed), and another worker takes its place."""
+    items = [item] + [flying.pop(r)[1] for r in list(pool.held.get(worker, ())) if r in flying]
     failed = []
     for it in reversed(items):
-        if deaths is not None:
-            deaths[it.key] += 1
-            if deaths[it.key] >= RETRIES:
-                failed.append(it)
-                continue
-        queue.appendleft(it)
-    started = pool.replace(worker) if deaths is not None else (pool.drop(worker), False)[1]
+        deaths[it.key] += 1
+        if deaths[it.key] >= RETRIES:
+            failed.append(it)
+        else:
+            queue.appendleft(it)
+    pool.last_loss = why
+    started = pool.replace(worker)
     notice(f"ray: {why}; {len(items) - len(failed)} item(s) go to another worker"
            + ("; a new worker is starting" if started else ""))
     return failed

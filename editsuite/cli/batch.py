@@ -46,7 +46,8 @@ def run_batch(recipe_path: Path, *, dry_run: bool, overwrite: bool, quiet: bool,
         if stop["asked"]:
             raise KeyboardInterrupt
         stop["asked"] = True
-        say("stopping after the current step (Ctrl-C again to abort now)")
+        say("stopping: the items in progress are dropped, a rerun makes them (Ctrl-C again to abort now)"
+            if batch.settings.engine == "ray" else "stopping after the current step (Ctrl-C again to abort now)")
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     counts = {"done": 0, "finished": 0, "failed": 0, "exists": 0}
