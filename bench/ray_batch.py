@@ -10,7 +10,9 @@ over the rounds (min-max):
 - items per minute over the whole run, start-up included (Ray's start and each worker's model load): what a
   user waits for;
 - items per minute at steady pace (from the first finished item to the last): what a long batch converges to;
-- ratios of both against the local engine measured in the same run.
+- the fixed cost: the run's time less its items at steady pace (Ray's start, the model loads, the shutdown);
+- ratios against the local engine measured in the same run, and the batch size from which the configuration
+  finishes first (its fixed cost repaid by its pace).
 """
 
 from __future__ import annotations
@@ -77,19 +79,27 @@ def main() -> None:
             result = json.loads(done.stdout.strip().splitlines()[-1])
             result["overall"] = 60 * result["n"] / result["total"]
             result["steady"] = 60 * (result["n"] - 1) / (result["last"] - result["first"])
+            result["fixed"] = result["total"] - 60 * result["n"] / result["steady"]
             runs[config].append(result)
             print(f"round {rnd + 1} {config:6s} {result['n']} items in {result['total']:.1f} s: "
-                  f"{result['overall']:.1f} items/min overall, {result['steady']:.1f} at steady pace", flush=True)
+                  f"{result['overall']:.1f} items/min overall, {result['steady']:.1f} at steady pace, "
+                  f"fixed cost {result['fixed']:.1f} s", flush=True)
 
     def med(config, key):
         values = [r[key] for r in runs[config]]
         return statistics.median(values), min(values), max(values)
 
-    print("\nconfig  overall items/min (min-max)   steady items/min (min-max)   vs local: overall  steady")
+    print("\nconfig  overall items/min    steady items/min    fixed cost s    vs local: overall  steady  "
+          "finishes first from")
+    local_steady, local_fixed = med("local", "steady")[0], med("local", "fixed")[0]
     for config in CONFIGS:
-        o, s = med(config, "overall"), med(config, "steady")
-        print(f"{config:6s}  {o[0]:6.1f} ({o[1]:.1f}-{o[2]:.1f})            {s[0]:6.1f} ({s[1]:.1f}-{s[2]:.1f})"
-              f"             {o[0] / med('local', 'overall')[0]:.2f}x    {s[0] / med('local', 'steady')[0]:.2f}x")
+        o, s, f = med(config, "overall"), med(config, "steady"), med(config, "fixed")
+        gain = 60 / local_steady - 60 / s[0]  # seconds saved per item at steady pace
+        first = "-" if config == "local" else (f"{max(1, (f[0] - local_fixed) / gain):.0f} items" if gain > 0
+                                               else "never")
+        print(f"{config:6s}  {o[0]:5.1f} ({o[1]:.1f}-{o[2]:.1f})   {s[0]:5.1f} ({s[1]:.1f}-{s[2]:.1f})   "
+              f"{f[0]:4.1f} ({f[1]:.1f}-{f[2]:.1f})    {o[0] / med('local', 'overall')[0]:.2f}x    "
+              f"{s[0] / local_steady:.2f}x   {first}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
 
     for result in Batch(load_recipe("tasks/inpaint-shapes.toml")).run():
         print(result.key, result.status, result.output)
+
+    Batch(recipe, engine="ray")      # the same, on a pool of Ray workers (pip install "editsuite[ray]")
 """
 
 from editsuite.batch.recipe import Item, Recipe, load_recipe

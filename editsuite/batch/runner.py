@@ -10,6 +10,8 @@
   Any other existing file is never overwritten unless asked.
 - A bad item (corrupt image, mask of another size, ...) is recorded with its reason and the batch goes on.
 - `should_stop()` is polled after every denoising step: Ctrl-C stops after the current step.
+- The items run in this process (the local engine) or on a pool of Ray workers (`engine="ray"`,
+  ray_engine.py); either way this process writes the outputs and the journal, so both resume each other's runs.
 """
 
 from __future__ import annotations
