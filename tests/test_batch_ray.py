@@ -135,6 +135,7 @@ def test_a_ray_worker_killed_mid_batch_loses_nothing_and_does_nothing_twice(tmp_
     _check_complete(tmp_path / "out", expected)
 
 
+@pytest.mark.slow  # the resume after a driver's SIGKILL is the local runner's (test_batch.py kills it 20 times)
 def test_the_driver_killed_then_rerun_finishes_without_redoing_items(tmp_path, one_thread):
     _scenes(tmp_path / "in", 12)
     path = _write_recipe(tmp_path, ON_RAY.replace("steps = 4", "steps = 10"))
