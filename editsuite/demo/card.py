@@ -8,7 +8,15 @@ import json
 from pathlib import Path
 
 from editsuite.demo import ROOT
+from editsuite.demo.data import HELD_PAIRS, HELD_TRIPLES
+from editsuite.demo.data import __doc__ as SPLIT
+from editsuite.demo.evaluate import __doc__ as RULES
 from editsuite.demo.scenes import __doc__ as GRAMMAR
+from editsuite.demo.score import __doc__ as CASES
+
+# the targets of issue 24: (part, figure, at least)
+TARGETS = [("txt2img", "background", 95), ("txt2img", "colour", 90), ("txt2img", "shape", 85),
+           ("txt2img", "count", 90), ("inpaint", "new_object", 80), ("outpaint", "background_continuous", 90)]
 
 ROLE = {
     "base": "4-channel UNet (epsilon prediction, 16x16 latents from a factor-4 VAE): txt2img, img2img, outpaint, "
@@ -25,7 +33,37 @@ def folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def card(name: str, times: dict, scores: dict, total_mb: float, note: str = "") -> str:
+def _held() -> str:
+    triples = ", ".join(f"{c} {s} on {bg}" for bg, c, s in sorted(HELD_TRIPLES))
+    pairs = ", ".join(" + ".join(f"{c} {s}" for c, s in sorted(p)) for p in sorted(HELD_PAIRS, key=sorted))
+    return f"Held-out combinations: {triples}.\n\nHeld-out pairings: {pairs}."
+
+
+def _thresholds() -> str:
+    from editsuite.demo import evaluate as E
+    from editsuite.demo.score import FEATHER, OUTPAINT_BACKGROUND
+
+    fit = ", ".join(f"{k} {v}" for k, v in E.FIT_MIN.items())
+    return (f"Thresholds: FIT_MIN {fit}; ASPECT_MAX {E.ASPECT_MAX}; SOLIDITY_MIN {E.SOLIDITY_MIN}; EDGE_MAX "
+            f"{E.EDGE_MAX} px (measured {E.EDGE_RING} px either side of the outline); PLACE_TOLERANCE "
+            f"{E.PLACE_TOLERANCE:.2f} and SIZE_TOLERANCE {E.SIZE_TOLERANCE} of the side; outpaint: the zone beyond "
+            f"the {FEATHER} px feather, OUTPAINT_BACKGROUND {OUTPAINT_BACKGROUND:.0%} of its pixels.")
+
+
+def _targets(scores: dict) -> list[str]:
+    rows = ["| part | figure | target | measured |", "|---|---|---|---|"]
+    for part, figure, least in TARGETS:
+        got = scores.get(part, {}).get(figure)
+        mark = "" if got is None else (" (met)" if got >= least else " (**not met**)")
+        rows.append(f"| {part} | {figure} | >= {least} % | {'-' if got is None else f'{got} %'}{mark} |")
+    up = scores.get("upscale", {})
+    if up:
+        gain = up.get("gain_db")
+        rows.append(f"| upscale | gain over Lanczos | >= 2 dB | {gain} dB{' (met)' if gain >= 2 else ' (**not met**)'} |")
+    return rows
+
+
+def card(name: str, times: dict, scores: dict, total_mb: float, notes: list[str] = ()) -> str:
     minutes = round(times.get("total", 0) / 60)
     lines = [
         f"# editsuite demo model: {name}",
@@ -39,7 +77,11 @@ def card(name: str, times: dict, scores: dict, total_mb: float, note: str = "") 
         "## Training data and caption grammar",
         "Pictures drawn by `editsuite.demo.scenes`, exact at any resolution; captions follow this grammar:",
         "```" + GRAMMAR.split("Caption grammar", 1)[1].split('A size or place')[0].rstrip() + "\n```",
-        "The 200 evaluation prompts (`editsuite.demo.data.heldout_prompts`) never appear as training captions.",
+        "",
+        "## What is held out",
+        SPLIT.split("\n\n", 1)[1].strip(),
+        "",
+        _held(),
         "",
         "## Reproduce",
         "`python -m editsuite.demo.train` (fixed seeds, 2-core CPU), then `python -m editsuite.demo.score` and",
@@ -48,9 +90,12 @@ def card(name: str, times: dict, scores: dict, total_mb: float, note: str = "") 
         f"({', '.join(f'{k} {round(v / 60)} min' for k, v in times.items() if k != 'total')}).",
         f"Size of the whole family (three folders, fp16 safetensors): {total_mb:.1f} MiB "
         f"({total_mb * 2**20 / 1e6:.1f} MB).",
-    ] + ([note] if note else [])
+    ] + list(notes)
+    lines += ["", "## How it is scored", CASES.split("\n\n", 1)[1].strip(), "", "The evaluator's rules "
+              "(`editsuite.demo.evaluate`):", "", RULES.split("\n\n", 1)[1].strip(), "", _thresholds()]
     if scores:
-        lines += ["", "## Scores (`python -m editsuite.demo.score`)", "```", json.dumps(scores, indent=2), "```"]
+        lines += ["", "## Scores (`python -m editsuite.demo.score`)", *_targets(scores), "", "Every figure:", "```",
+                  json.dumps(scores, indent=2), "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -58,7 +103,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--work", type=Path, default=Path("build/demo-train"), help="where train.py left times-*.json")
     ap.add_argument("--scores", type=Path, default=None)
-    ap.add_argument("--note", default="", help="a line added under the training time (how it was measured)")
+    ap.add_argument("--note", action="append", default=[], help="a line added under the training time (how it was "
+                    "measured, what it was trained on); repeatable")
     args = ap.parse_args(argv)
     times: dict = {}
     for f in sorted(args.work.glob("times-*.json")):  # one file per `--stage` run, or one for `all`
