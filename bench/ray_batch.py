@@ -30,7 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "build" / "ray-batch"
-CONFIGS = {"local": dict(engine="local"), "ray-1": dict(engine="ray", workers=1), "ray-2": dict(engine="ray", workers=2)}
+CONFIGS = {"local": dict(engine="local"), "ray-1": dict(engine="ray", workers=1),
+           "ray-2": dict(engine="ray", workers=2)}
 COLOURS = ["red", "green", "blue", "yellow", "purple", "white", "orange", "black"]
 SHAPES = ["circle", "square", "triangle"]
 

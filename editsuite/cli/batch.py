@@ -110,5 +110,6 @@ class _Rate:
         if self.paced >= 2 and now > self.first:
             per_second = (self.paced - 1) / (now - self.first)
             left = max(self.todo - n, 0) / per_second
-            pace = f", {per_second:.2f} items/s, ETA {int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
+            eta = f"{int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
+            pace = f", {per_second:.2f} items/s, ETA {eta}"
         return f"[{n}/{self.todo}, {self.failed} failed{pace}]"

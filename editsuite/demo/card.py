@@ -59,7 +59,8 @@ def _targets(scores: dict) -> list[str]:
     up = scores.get("upscale", {})
     if up:
         gain = up.get("gain_db")
-        rows.append(f"| upscale | gain over Lanczos | >= 2 dB | {gain} dB{' (met)' if gain >= 2 else ' (**not met**)'} |")
+        mark = " (met)" if gain >= 2 else " (**not met**)"
+        rows.append(f"| upscale | gain over Lanczos | >= 2 dB | {gain} dB{mark} |")
     return rows
 
 

@@ -3,8 +3,9 @@
 Reading (deterministic OpenCV/NumPy): every pixel takes the nearest named colour; the background is the
 commonest colour on the border; each other colour's connected regions are objects (mixed edge pixels
 belong to none, and a thin outline is another object's blended edge, not an object). An object's
-silhouette is taken at half level between its colour and the background's. Its shape is the template (circle, square or upright triangle filling the silhouette's box) that overlaps it
-best, and only if it is a shape of the world at all: a silhouette that fits no template well (FIT_MIN, the
+silhouette is taken at half level between its colour and the background's. Its shape is the template
+(circle, square or upright triangle filling the silhouette's box) that overlaps it best, and only if it is
+a shape of the world at all: a silhouette that fits no template well (FIT_MIN, the
 intersection over union), whose box is not square (ASPECT_MAX: every shape is drawn in a square box, so a
 2:1 ellipse is not a circle), that has dents (SOLIDITY_MIN: the world's shapes are convex) or whose edge is
 blurred (EDGE_MAX: the mean width of its edge, where the colour goes from 10 % to 90 % of the way from the

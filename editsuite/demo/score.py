@@ -77,8 +77,8 @@ def _mask_box(scene: Scene, index: int, res: int, margin: int = 4) -> tuple[int,
 
 
 def inpaint_cases(n: int, res: int = 64) -> list[tuple[Scene, Scene, int, tuple]]:
-    """(scene, the scene with object `index` replaced, index, mask box): the new object is a held-out combination on the
-    scene's background, so the asked picture is held-out content."""
+    """(scene, the scene with object `index` replaced, index, mask box): the new object is a held-out
+    combination on the scene's background, so the asked picture is held-out content."""
     rng = np.random.default_rng(99)
     out = []
     for scene in heldout_scenes(4 * n, 98):
