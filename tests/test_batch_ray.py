@@ -182,6 +182,7 @@ def test_without_ray_the_ray_engine_is_one_line_and_exit_2(tmp_path, monkeypatch
     ('engine = "spark"', "run.engine = 'spark' is not allowed: local or ray"),
     ('engine = "ray"\nworkers = 0', "run.workers = 0 is not allowed: an integer from 1 to 4096"),
     ('engine = "ray"\ngpus_per_worker = -1', "run.gpus_per_worker = -1 is not allowed"),
+    ('engine = "ray"\ngpus_per_worker = 1.5', "run.gpus_per_worker = 1.5 is not allowed: 0 (CPU workers), a fraction"),
     ('engine = "ray"\naddress = 5', "run.address = 5 is not allowed"),
     ('workers = 2', 'run.workers = 2 is not allowed: only the Ray engine takes it; add engine = "ray" to [run]'),
     ('threads = 2', "run.threads = 2 is not allowed: [run] takes address, engine, gpus_per_worker, workers"),
@@ -248,6 +249,7 @@ def test_workers_default_to_what_the_cluster_offers(nodes, workers, gpus, memory
     ([dict(CPU=2)], 3, None, "run.workers = 3, but the Ray cluster has 2 CPUs; use at most 2"),
     ([dict(CPU=2)], None, 1, "run.gpus_per_worker = 1, but the Ray cluster has 0 GPUs; set it to 0"),
     ([dict(CPU=8, GPU=2)], 3, None, "run.workers = 3 with 1 GPU each needs 3 GPUs; the Ray cluster has 2"),
+    ([dict(CPU=8, GPU=1), dict(CPU=8, GPU=1)], None, 2, "run.gpus_per_worker = 2, but no node of the Ray cluster has that many GPUs (2 in all)"),
     ([dict(GPU=0)], None, None, "the Ray cluster has no CPUs for workers"),
 ])
 def test_a_layout_the_cluster_cannot_hold_is_one_line(nodes, workers, gpus, message):
@@ -257,12 +259,13 @@ def test_a_layout_the_cluster_cannot_hold_is_one_line(nodes, workers, gpus, mess
         layout(_FakeCluster(*nodes), workers, gpus, 0)
 
 
-def test_an_item_whose_worker_dies_three_times_is_failed_the_others_go_back():
+def test_only_the_running_item_is_charged_with_a_death_and_fails_at_the_third():
+    """Ray runs a worker's calls in order: of the items a dead worker held, only the oldest was running."""
     from editsuite.batch import ray_engine
 
     class Pool:
         def __init__(self):
-            self.held, self.replaced, self.last_loss = {"w": {"r1", "r2"}}, 0, ""
+            self.held, self.replaced, self.last_loss = {"w": ["r1", "r2"]}, 0, ""
 
         def replace(self, worker):
             self.held.pop(worker)
@@ -273,10 +276,13 @@ def test_an_item_whose_worker_dies_three_times_is_failed_the_others_go_back():
         return Item(key, 0, None, None, key, 0, Path(key + ".png"))
 
     a, b, c = item("a"), item("b"), item("c")
-    queue, notices = ray_engine.collections.deque([c]), []
-    deaths = ray_engine.collections.Counter({"a": ray_engine.RETRIES - 1})
-    pool, flying = Pool(), {"r1": ("w", a), "r2": ("w", b)}
-    flying.pop("r1")  # the ref that raised: its item is given alongside
-    failed = ray_engine._lost(pool, flying, "w", a, queue, deaths, notices.append, "a worker was lost (X)")
-    assert failed == [a] and list(queue) == [b, c] and not flying and pool.replaced == 1
-    assert notices == ["ray: a worker was lost (X); 1 item(s) go to another worker; a new worker is starting"]
+    for deaths_before, failed_expected, queue_expected in ((0, [], ["a", "b", "c"]),
+                                                           (ray_engine.RETRIES - 1, ["a"], ["b", "c"])):
+        queue, notices = ray_engine.collections.deque([c]), []
+        deaths = ray_engine.collections.Counter({"a": deaths_before})
+        pool, flying = Pool(), {"r1": ("w", a)}  # r2 (item b, queued behind a) is the error ray.wait gave
+        failed = ray_engine._lost(pool, flying, "w", "r2", b, queue, deaths, notices.append, "a worker was lost (X)")
+        assert [i.key for i in failed] == failed_expected and [i.key for i in queue] == queue_expected
+        assert deaths["a"] == deaths_before + 1 and deaths["b"] == 0 and not flying and pool.replaced == 1
+        assert notices == [f"ray: a worker was lost (X); {2 - len(failed)} item(s) go to another worker; a new "
+                           "worker is starting"]

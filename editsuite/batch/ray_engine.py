@@ -25,6 +25,7 @@ What it does not give is this batch's bookkeeping, so the driver (the process ru
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import time
@@ -42,6 +43,8 @@ THREADS = 4  # CPU workers: threads (CPUs) each, fewer where a node has fewer; m
 POLL = 0.2  # seconds between looks at should_stop while waiting for pictures
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".ckpt", ".pt", ".pth"}
 COMPUTE_MEMORY = 1 << 30  # a worker's memory beyond its weights (activations, the picture, the interpreter)
+UNKNOWN_MODEL = 4 << 30  # the weights of a model not on this disk (a hub id): an SD 1.5 checkpoint's, in fp32
+START_NOTICE, START_LIMIT = 60, 900  # seconds without any worker ready: say so; give up (one line, exit 2)
 
 
 def import_ray():
@@ -68,6 +71,8 @@ class EditsuiteWorker:
             self.task = make_task(recipe, load_model(recipe))
         except UserError as e:  # reported by ready(): a node without the model is not a crash
             self.unusable = str(e)
+        except Exception as e:  # noqa: BLE001 - out of memory, a broken file on this node: reported, not retried
+            self.unusable = f"loading the model failed on this worker ({type(e).__name__}: {e})".splitlines()[0]
 
     def ready(self) -> dict:
         if self.unusable:
@@ -118,11 +123,15 @@ def layout(ray, workers: int | None, gpus_per_worker: float | None, memory_each:
         if gpus < gpus_per_worker:
             raise UserError(f"run.gpus_per_worker = {gpus_per_worker:g}, but the Ray cluster has {gpus:g} GPUs; "
                             "set it to 0 for CPU workers")
-        fit = int(gpus // gpus_per_worker)
+        fit = sum(int(n["Resources"].get("GPU", 0) // gpus_per_worker) for n in ray.nodes() if n.get("Alive"))
+        if fit < 1:
+            raise UserError(f"run.gpus_per_worker = {gpus_per_worker:g}, but no node of the Ray cluster has that many "
+                            f"GPUs ({gpus:g} in all); ask for fewer")
         count = workers or fit
         if count > fit:
             raise UserError(f"run.workers = {count} with {gpus_per_worker:g} GPU each needs "
-                            f"{count * gpus_per_worker:g} GPUs; the Ray cluster has {gpus:g}")
+                            f"{count * gpus_per_worker:g} GPUs; the Ray cluster has {gpus:g}, room for {fit} such "
+                            "workers on its nodes")
         return count, min(1, cpus / count), gpus_per_worker
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1]
     if not nodes:
@@ -141,13 +150,13 @@ def layout(ray, workers: int | None, gpus_per_worker: float | None, memory_each:
 
 def worker_memory(recipe: Recipe) -> int:
     """Bytes of memory to reserve for a worker: its model's weight files plus room to compute (Ray places no
-    more workers on a node than its memory holds); 0 where the model is not a local path (a hub id)."""
+    more workers on a node than its memory holds); UNKNOWN_MODEL's where the model is not on this disk."""
     from editsuite.demo import TASK_KIND, demo_model
 
     source = recipe.model or demo_model(TASK_KIND[recipe.task])
     path = Path(source) if source is not None else None
     if path is None or not path.exists():
-        return 0
+        return UNKNOWN_MODEL + COMPUTE_MEMORY
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.suffix in WEIGHT_SUFFIXES]
     return sum(p.stat().st_size for p in files) + COMPUTE_MEMORY
 
@@ -162,9 +171,12 @@ class _Pool:
         memory = min(memory, int(largest))  # a request no node can meet would wait forever
         self.cls = ray.remote(EditsuiteWorker).options(num_cpus=cpus, num_gpus=gpus, memory=memory or None,
                                                        max_restarts=0)
-        self.args = (batch.recipe, batch.fingerprint)
+        recipe = batch.recipe
+        if recipe.model and Path(recipe.model).exists():  # workers on other nodes: not relative to our folder
+            recipe = dataclasses.replace(recipe, model=str(Path(recipe.model).resolve()))
+        self.args = (recipe, batch.fingerprint)
         self.loading: dict = {}  # ready() ref -> worker
-        self.held: dict = {}  # ready worker -> its in-flight refs
+        self.held: dict = {}  # ready worker -> its in-flight refs, oldest (running) first
         self.replacements = 2 * count + 2
         self.last_loss = ""
         for _ in range(count):
@@ -211,8 +223,11 @@ def run_on_ray(batch: Batch, todo: list[Item], should_stop: Callable[[], bool],
         count, cpus, gpus = layout(ray, settings.workers, settings.gpus_per_worker, memory)
         count = min(count, len(todo))
         what = f"{gpus:g} GPU" if gpus else f"{cpus:g} CPU"
-        notice(f"ray: {count} worker{'s' * (count != 1)} ({what} each) on {len(ray.nodes())} node(s); "
-               "outputs and the journal are written here")
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        notice(f"ray: {count} worker{'s' * (count != 1)} ({what} each) on {nodes} node(s); outputs and the "
+               "journal are written here")
+        if should_stop():
+            return
         pool = _Pool(ray, batch, count, cpus, gpus, memory)
         yield from _drive(ray, pool, batch, todo, should_stop, notice)
     finally:
@@ -230,20 +245,29 @@ def _drive(ray, pool: _Pool, batch: Batch, todo: list[Item], should_stop, notice
     queue = collections.deque(todo)
     deaths: collections.Counter = collections.Counter()
     flying: dict = {}  # ref -> (worker, item)
-    checked, problems = False, []
+    checked, problems, since, told = False, [], time.time(), False
     while queue or flying:
         if should_stop():
             return
+        if pool.held:
+            since = time.time()
+        elif time.time() - since > START_NOTICE and not told:
+            told = True
+            notice(f"ray: no worker has started in {START_NOTICE} s; the cluster may be busy, or have no node with "
+                   "the CPUs, GPUs and memory one worker asks for (set run.workers, run.gpus_per_worker)")
+        elif time.time() - since > START_LIMIT:
+            raise UserError(f"no Ray worker started in {START_LIMIT // 60} minutes: the cluster has no room for one "
+                            "(its CPUs, GPUs or memory); set run.workers or run.gpus_per_worker, or free the "
+                            "cluster, then run the same command again")
         while checked and queue and (worker := pool.free()) is not None:
             item = queue.popleft()
-            t0 = time.time()
             try:
                 inputs = open_inputs(batch.recipe, item)
-            except UserError as e:
-                yield batch.failed(item, str(e), time.time() - t0)
+            except UserError as e:  # refused here, before any worker: not part of the pace
+                yield batch.failed(item, str(e))
                 continue
             ref = worker.make.remote(item, inputs)
-            pool.held[worker].add(ref)
+            pool.held[worker].append(ref)
             flying[ref] = (worker, item)
         if not pool.held and not pool.loading:
             if problems:
@@ -265,14 +289,20 @@ def _drive(ray, pool: _Pool, batch: Batch, todo: list[Item], should_stop, notice
                     notice(f"ray: a worker cannot work: {e.cause}")
                     pool.drop(worker)
                     continue
-                except ray.exceptions.RayError as e:  # died while loading: another takes its place
+                except ray.exceptions.RayError as e:
+                    if getattr(e, "actor_init_failed", False):  # e.g. editsuite cannot be imported on its node
+                        first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+                        problems.append(f"a Ray worker could not start: {first}")
+                        notice(f"ray: {problems[-1]}")
+                        pool.drop(worker)
+                        continue
                     pool.last_loss = f"a worker was lost while loading the model ({type(e).__name__})"
-                    pool.replace(worker)
+                    pool.replace(worker)  # died while loading: another takes its place
                     continue
                 if not checked:
                     batch.check_params(info["vae_scale_factor"])
                     checked = True
-                pool.held[worker] = set()
+                pool.held[worker] = []
                 continue
             worker, item = flying.pop(ref)
             try:
@@ -282,29 +312,33 @@ def _drive(ray, pool: _Pool, batch: Batch, todo: list[Item], should_stop, notice
             except ray.exceptions.RayError as e:  # the worker died: killed, out of memory, its node lost
                 if should_stop():
                     return
-                for lost in _lost(pool, flying, worker, item, queue, deaths, notice,
+                for lost in _lost(pool, flying, worker, ref, item, queue, deaths, notice,
                                   f"a worker was lost ({type(e).__name__})"):
                     yield batch.failed(lost, f"its Ray worker died {RETRIES} times while making it (killed, out of "
                                              "memory, or its node lost)")
                 continue
-            pool.held.get(worker, set()).discard(ref)
+            if ref in pool.held.get(worker, ()):
+                pool.held[worker].remove(ref)
             if status == "failed":
                 yield batch.failed(item, value, seconds)
             else:
                 yield batch.save(value, picture_settings, item, seconds)
 
 
-def _lost(pool: _Pool, flying: dict, worker, item: Item, queue, deaths, notice, why: str) -> list[Item]:
-    """A worker is gone: its items go back to the front of the queue, except those whose worker died RETRIES
-    times (returned, to be recorded as failed), and another worker takes its place."""
-    items = [item] + [flying.pop(r)[1] for r in list(pool.held.get(worker, ())) if r in flying]
+def _lost(pool: _Pool, flying: dict, worker, ref, item: Item, queue, deaths, notice, why: str) -> list[Item]:
+    """A worker is gone: its items go back to the front of the queue, and another worker takes its place.
+    Ray runs a worker's calls one after another, so only the oldest was running when it died: that item is
+    charged with the death, and returned (to be recorded as failed) at its RETRIES-th; the others never ran."""
+    refs = list(pool.held.get(worker, ())) or [ref]
+    items = [item if r == ref else flying.pop(r)[1] for r in refs if r == ref or r in flying]
     failed = []
-    for it in reversed(items):
-        deaths[it.key] += 1
-        if deaths[it.key] >= RETRIES:
-            failed.append(it)
-        else:
-            queue.appendleft(it)
+    for n, it in reversed(list(enumerate(items))):
+        if n == 0:
+            deaths[it.key] += 1
+            if deaths[it.key] >= RETRIES:
+                failed.append(it)
+                continue
+        queue.appendleft(it)
     pool.last_loss = why
     started = pool.replace(worker)
     notice(f"ray: {why}; {len(items) - len(failed)} item(s) go to another worker"

@@ -381,8 +381,10 @@ def run_settings(label: str, run: dict) -> RunSettings:
     if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or not 1 <= workers <= 4096):
         _fail(label, "run.workers", workers, "an integer from 1 to 4096")
     gpus = run.get("gpus_per_worker")
-    if gpus is not None and (not isinstance(gpus, (int, float)) or isinstance(gpus, bool) or not 0 <= gpus <= 64):
-        _fail(label, "run.gpus_per_worker", gpus, "a number from 0 (CPU workers) to 64")
+    if gpus is not None and (not isinstance(gpus, (int, float)) or isinstance(gpus, bool) or not 0 <= gpus <= 64
+                             or (gpus > 1 and gpus != int(gpus))):
+        _fail(label, "run.gpus_per_worker", gpus, "0 (CPU workers), a fraction up to 1 (workers sharing a GPU) or a "
+                                                 "whole number up to 64")
     if engine == "local" and (address, workers, gpus) != (None, None, None):
         key = next(k for k in ("address", "workers", "gpus_per_worker") if k in run)
         _fail(label, f"run.{key}", run[key], 'only the Ray engine takes it; add engine = "ray" to [run]')
