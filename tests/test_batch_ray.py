@@ -208,23 +208,6 @@ def test_ray_takes_an_optional_address(args, expected):
     assert _ray_flag(args) == expected
 
 
-class _FakeCluster:
-    """What layout() asks of Ray: the cluster's resources and its nodes'."""
-
-    def __init__(self, *nodes: dict):
-        self._nodes = [dict(Alive=True, Resources=n) for n in nodes]
-
-    def nodes(self):
-        return self._nodes
-
-    def cluster_resources(self):
-        total: dict = {}
-        for n in self._nodes:
-            for k, v in n["Resources"].items():
-                total[k] = total.get(k, 0) + v
-        return total
-
-
 GIB = 1 << 30
 
 
@@ -242,7 +225,7 @@ GIB = 1 << 30
 def test_workers_default_to_what_the_cluster_offers(nodes, workers, gpus, memory_each, expected):
     from editsuite.batch.ray_engine import layout
 
-    assert layout(_FakeCluster(*nodes), workers, gpus, memory_each) == expected
+    assert layout(nodes, workers, gpus, memory_each) == expected
 
 
 @pytest.mark.parametrize("nodes, workers, gpus, message", [
@@ -256,7 +239,7 @@ def test_a_layout_the_cluster_cannot_hold_is_one_line(nodes, workers, gpus, mess
     from editsuite.batch.ray_engine import layout
 
     with pytest.raises(UserError, match=re.escape(message)):
-        layout(_FakeCluster(*nodes), workers, gpus, 0)
+        layout(nodes, workers, gpus, 0)
 
 
 def test_only_the_running_item_is_charged_with_a_death_and_fails_at_the_third():

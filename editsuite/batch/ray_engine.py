@@ -27,13 +27,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 from editsuite.batch.recipe import Item, Recipe
-from editsuite.batch.runner import Batch, ItemResult, load_model, make_picture, make_task
+from editsuite.batch.runner import Batch, ItemResult, load_model, make_picture, make_task, model_source, open_inputs
 from editsuite.errors import UserError
 
 INSTALL = 'the Ray engine needs Ray, which is not installed; install it with: pip install "editsuite[ray]"'
@@ -74,13 +73,11 @@ class EditsuiteWorker:
         except Exception as e:  # noqa: BLE001 - out of memory, a broken file on this node: reported, not retried
             self.unusable = f"loading the model failed on this worker ({type(e).__name__}: {e})".splitlines()[0]
 
-    def ready(self) -> dict:
+    def ready(self) -> int:
+        """The model's VAE factor, once loaded (the driver checks the recipe's sizes against it)."""
         if self.unusable:
             raise WorkerUnusable(self.unusable)
-        import ray
-
-        return dict(vae_scale_factor=self.task.bundle.manifest.vae_scale_factor, pid=os.getpid(),
-                    node=ray.get_runtime_context().get_node_id())
+        return self.task.bundle.manifest.vae_scale_factor
 
     def make(self, item: Item, inputs: tuple) -> tuple:
         """("done", picture, settings, seconds) or ("failed", reason, None, seconds); only sent once ready()
@@ -111,19 +108,24 @@ def connect(ray, address: str | None) -> bool:
     return True
 
 
-def layout(ray, workers: int | None, gpus_per_worker: float | None, memory_each: int) -> tuple[int, float, float]:
-    """(workers, CPUs each, GPUs each): one worker per GPU where the cluster has GPUs, else CPU workers of
-    THREADS threads (fewer on a smaller node) filling each node's CPUs, as many as its memory holds
-    (`memory_each` bytes a worker); `workers` and `gpus_per_worker` override."""
-    resources = ray.cluster_resources()
-    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+def alive_nodes(ray) -> list[dict]:
+    """The resources (CPU, GPU, memory) of each live node of the cluster."""
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def layout(nodes: list[dict], workers: int | None, gpus_per_worker: float | None,
+           memory_each: int) -> tuple[int, float, float]:
+    """(workers, CPUs each, GPUs each) on `nodes` (alive_nodes): one worker per GPU where the cluster has GPUs,
+    else CPU workers of THREADS threads (fewer on a smaller node) filling each node's CPUs, as many as its
+    memory holds (`memory_each` bytes a worker); `workers` and `gpus_per_worker` override."""
+    cpus, gpus = sum(n.get("CPU", 0) for n in nodes), sum(n.get("GPU", 0) for n in nodes)
     if gpus_per_worker is None:
         gpus_per_worker = 1 if gpus >= 1 else 0
     if gpus_per_worker > 0:
         if gpus < gpus_per_worker:
             raise UserError(f"run.gpus_per_worker = {gpus_per_worker:g}, but the Ray cluster has {gpus:g} GPUs; "
                             "set it to 0 for CPU workers")
-        fit = sum(int(n["Resources"].get("GPU", 0) // gpus_per_worker) for n in ray.nodes() if n.get("Alive"))
+        fit = sum(int(n.get("GPU", 0) // gpus_per_worker) for n in nodes)
         if fit < 1:
             raise UserError(f"run.gpus_per_worker = {gpus_per_worker:g}, but no node of the Ray cluster has that many "
                             f"GPUs ({gpus:g} in all); ask for fewer")
@@ -133,7 +135,7 @@ def layout(ray, workers: int | None, gpus_per_worker: float | None, memory_each:
                             f"{count * gpus_per_worker:g} GPUs; the Ray cluster has {gpus:g}, room for {fit} such "
                             "workers on its nodes")
         return count, min(1, cpus / count), gpus_per_worker
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1]
+    nodes = [n for n in nodes if n.get("CPU", 0) >= 1]
     if not nodes:
         raise UserError("the Ray cluster has no CPUs for workers")
     smallest = int(min(n["CPU"] for n in nodes))
@@ -151,9 +153,7 @@ def layout(ray, workers: int | None, gpus_per_worker: float | None, memory_each:
 def worker_memory(recipe: Recipe) -> int:
     """Bytes of memory to reserve for a worker: its model's weight files plus room to compute (Ray places no
     more workers on a node than its memory holds); UNKNOWN_MODEL's where the model is not on this disk."""
-    from editsuite.demo import TASK_KIND, demo_model
-
-    source = recipe.model or demo_model(TASK_KIND[recipe.task])
+    source = model_source(recipe)
     path = Path(source) if source is not None else None
     if path is None or not path.exists():
         return UNKNOWN_MODEL + COMPUTE_MEMORY
@@ -166,9 +166,7 @@ class _Pool:
     a dead one is replaced, up to a limit."""
 
     def __init__(self, ray, batch: Batch, count: int, cpus: float, gpus: float, memory: int):
-        self.ray = ray
-        largest = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
-        memory = min(memory, int(largest))  # a request no node can meet would wait forever
+        self.ray = ray  # a request no node can meet would wait forever
         self.cls = ray.remote(EditsuiteWorker).options(num_cpus=cpus, num_gpus=gpus, memory=memory or None,
                                                        max_restarts=0)
         recipe = batch.recipe
@@ -219,12 +217,14 @@ def run_on_ray(batch: Batch, todo: list[Item], should_stop: Callable[[], bool],
     joined = connect(ray, settings.address)
     pool = None
     try:
+        nodes = alive_nodes(ray)
         memory = worker_memory(batch.recipe)
-        count, cpus, gpus = layout(ray, settings.workers, settings.gpus_per_worker, memory)
+        count, cpus, gpus = layout(nodes, settings.workers, settings.gpus_per_worker, memory)
+        # a memory request no node can meet would wait forever
+        memory = min(memory, int(max((n.get("memory", 0) for n in nodes), default=0)))
         count = min(count, len(todo))
         what = f"{gpus:g} GPU" if gpus else f"{cpus:g} CPU"
-        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-        notice(f"ray: {count} worker{'s' * (count != 1)} ({what} each) on {nodes} node(s); outputs and the "
+        notice(f"ray: {count} worker{'s' * (count != 1)} ({what} each) on {len(nodes)} node(s); outputs and the "
                "journal are written here")
         if should_stop():
             return
@@ -240,8 +240,6 @@ def run_on_ray(batch: Batch, todo: list[Item], should_stop: Callable[[], bool],
 def _drive(ray, pool: _Pool, batch: Batch, todo: list[Item], should_stop, notice) -> Iterator[ItemResult]:
     """Items to ready workers (IN_FLIGHT each), pictures back to disk, lost workers' items to others. No item
     goes out before a worker has loaded the model and the parameters are checked against it."""
-    from editsuite.batch.runner import open_inputs
-
     queue = collections.deque(todo)
     deaths: collections.Counter = collections.Counter()
     flying: dict = {}  # ref -> (worker, item)
@@ -300,7 +298,7 @@ def _drive(ray, pool: _Pool, batch: Batch, todo: list[Item], should_stop, notice
                     pool.replace(worker)  # died while loading: another takes its place
                     continue
                 if not checked:
-                    batch.check_params(info["vae_scale_factor"])
+                    batch.check_params(info)
                     checked = True
                 pool.held[worker] = []
                 continue

@@ -241,12 +241,17 @@ class Batch:
 
 # -- one item: shared by the local engine and the Ray workers ------------------------------------------------
 
-def load_model(recipe: Recipe):
-    """The recipe's model, or the built-in demo model for its task."""
-    from editsuite.bundle.loader import load_bundle
+def model_source(recipe: Recipe):
+    """The recipe's model, or the built-in demo model for its task (None where that is not installed)."""
     from editsuite.demo import TASK_KIND, demo_model
 
-    model = recipe.model or demo_model(TASK_KIND[recipe.task])
+    return recipe.model or demo_model(TASK_KIND[recipe.task])
+
+
+def load_model(recipe: Recipe):
+    from editsuite.bundle.loader import load_bundle
+
+    model = model_source(recipe)
     if model is None:
         raise UserError(f"{recipe.label}: no model given and the built-in demo model is not installed")
     return load_bundle(model)

@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: bad input is one line on stderr and exit code 2, never a traceback."""
     _quiet_libraries()
     try:
-        code = app(args=_ray_flag(list(sys.argv[1:] if argv is None else argv)), standalone_mode=False)  # without standalone mode, click returns Exit's code
+        # without standalone mode, click returns Exit's code
+        code = app(args=_ray_flag(list(sys.argv[1:] if argv is None else argv)), standalone_mode=False)
         if isinstance(code, int) and code:
             return code
     except UserError as e:

@@ -38,7 +38,7 @@ def run_batch(recipe_path: Path, *, dry_run: bool, overwrite: bool, quiet: bool,
                        "(--dry-run)")
         return 0
     say(f"batch {recipe.label}: {len(batch.items)} items, {recipe.task}, output in {recipe.folder}")
-    rate = _Rate(sum(action == "run" for _, action in batch.plan()))
+    rate = _Rate()
 
     stop = {"asked": False}
 
@@ -72,10 +72,12 @@ def run_batch(recipe_path: Path, *, dry_run: bool, overwrite: bool, quiet: bool,
             counts[r.status] += 1
             results.append(dict(item=r.key, status=r.status, output=str(r.output) if r.output else None,
                                 reason=r.reason))
+            # the items to run: all but those finished before or in the way (the runner yields those first)
+            todo = len(batch.items) - counts["finished"] - counts["exists"]
             if r.status == "done":
-                say(f"done      {r.key} -> {r.output} ({r.seconds:.1f} s) {rate.add(r.status, r.seconds)}")
+                say(f"done      {r.key} -> {r.output} ({r.seconds:.1f} s) {rate.add(r.status, r.seconds, todo)}")
             elif r.status == "failed":
-                say(f"failed    {r.key}: {r.reason} {rate.add(r.status, r.seconds)}")
+                say(f"failed    {r.key}: {r.reason} {rate.add(r.status, r.seconds, todo)}")
             elif r.status == "exists":
                 say(f"exists    {r.key}: {r.reason}")
     finally:
@@ -96,10 +98,10 @@ class _Rate:
     """Items made or failed in this run, their pace (per second, from the first one to the last) and the time
     left at that pace; items refused before any picture is made do not count toward the pace."""
 
-    def __init__(self, todo: int):
-        self.todo, self.done, self.failed, self.first, self.paced = todo, 0, 0, None, 0
+    def __init__(self):
+        self.done, self.failed, self.first, self.paced = 0, 0, None, 0
 
-    def add(self, status: str, seconds: float) -> str:
+    def add(self, status: str, seconds: float, todo: int) -> str:
         self.done += status == "done"
         self.failed += status == "failed"
         n, now = self.done + self.failed, time.time()
@@ -109,7 +111,7 @@ class _Rate:
         pace = ""
         if self.paced >= 2 and now > self.first:
             per_second = (self.paced - 1) / (now - self.first)
-            left = max(self.todo - n, 0) / per_second
+            left = max(todo - n, 0) / per_second
             eta = f"{int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
             pace = f", {per_second:.2f} items/s, ETA {eta}"
-        return f"[{n}/{self.todo}, {self.failed} failed{pace}]"
+        return f"[{n}/{todo}, {self.failed} failed{pace}]"

@@ -107,14 +107,19 @@ def solidity(mask: np.ndarray) -> float:
     return float(min(1.0, mask.sum() / max(cv2.contourArea(hull) + cv2.arcLength(hull, True) / 2 + 1, 1.0)))
 
 
-def classify_shape(mask: np.ndarray, edge: float = 0.0) -> tuple[str, float]:
-    """(shape, fit): the best template, or "blob" where the fit, the box's aspect, dents or a blurred edge
-    disqualify it."""
-    shape, fit = nearest_shape(mask)
+def read_shape(mask: np.ndarray, edge: float = 0.0) -> tuple[str, str, float, float, float]:
+    """(shape, nearest template, fit, aspect, solidity) of a silhouette cropped to its box: the shape is the
+    nearest template, or "blob" where the fit, the box's aspect, dents or a blurred edge disqualify it."""
+    nearest, fit = nearest_shape(mask)
     h, w = mask.shape
-    if (fit < FIT_MIN[shape] or max(h, w) / max(1, min(h, w)) > ASPECT_MAX or edge > EDGE_MAX
-            or solidity(mask) < SOLIDITY_MIN):
-        return "blob", fit
+    aspect, dents = max(h, w) / max(1, min(h, w)), solidity(mask)
+    blob = fit < FIT_MIN[nearest] or aspect > ASPECT_MAX or edge > EDGE_MAX or dents < SOLIDITY_MIN
+    return ("blob" if blob else nearest), nearest, fit, aspect, dents
+
+
+def classify_shape(mask: np.ndarray, edge: float = 0.0) -> tuple[str, float]:
+    """(shape, fit), as read_shape reads them."""
+    shape, _, fit, _, _ = read_shape(mask, edge)
     return shape, fit
 
 
@@ -170,10 +175,9 @@ def analyse(image, *, min_area: float = 0.012) -> Analysis:
             x0, y0, x1, y1 = max(0, x - 4), max(0, y - 4), min(w, x + bw + 4), min(h, y + bh + 4)
             seed = comp[y0:y1, x0:x1] == i
             silhouette, (sx, sy, sw, sh), edge = _silhouette(px, lab, (x0, y0, x1 - x0, y1 - y0), bg, k, seed)
-            nearest, _ = nearest_shape(silhouette)
-            shape, fit = classify_shape(silhouette, edge)
-            found.append(Found(_NAMES[k], shape, (x0 + sx, y0 + sy, sw, sh), area, fit,
-                               max(sw, sh) / max(1, min(sw, sh)), edge, solidity(silhouette), nearest))
+            shape, nearest, fit, aspect, dents = read_shape(silhouette, edge)
+            found.append(Found(_NAMES[k], shape, (x0 + sx, y0 + sy, sw, sh), area, fit, aspect, edge, dents,
+                               nearest))
     found.sort(key=lambda f: -f.area)
     return Analysis(_NAMES[bg], tuple(found), (w, h))
 
@@ -217,14 +221,3 @@ def judge(analysis: Analysis, spec: dict) -> dict[str, float]:
             "colour": 0.0 if foreign else colour_ok / len(wanted),
             "shape": 0.0 if extra else shape_ok / len(wanted),
             "count": float(len(analysis.objects) == len(wanted))}
-
-
-def score(analysis: Analysis, spec: dict) -> dict[str, float]:
-    """The criteria of the first evaluator (issue 3), kept to compare with: any object of the caption's colour
-    counts, and its nearest template counts as its shape. Not what the model cards report."""
-    objs = spec["objects"]
-    colour_ok = sum(any(f.colour == o["colour"] for f in analysis.objects) for o in objs)
-    shape_ok = sum(any(f.colour == o["colour"] and f.nearest == o["shape"] for f in analysis.objects)
-                   for o in objs)
-    return {"background": float(analysis.background == spec["background"]),
-            "colour": colour_ok / len(objs), "shape": shape_ok / len(objs)}

@@ -111,20 +111,17 @@ def inpaint_ok(picture, asked: Scene, index: int, box: tuple) -> bool:
     return inside and not object_faults(mine[0], parse(asked.caption())["objects"][index], found.size)
 
 
-def score_inpaint(n: int, res: int = 64, generate=None) -> dict:
-    """`generate(image, mask, prompt, seed) -> picture`: the inpainting model, unless given (tests give others)."""
-    if generate is None:
-        from editsuite import Inpaint, ModelKind
+def score_inpaint(n: int, res: int = 64) -> dict:
+    from editsuite import Inpaint, ModelKind
 
-        task = Inpaint(_load(ModelKind.INPAINTING))
-        generate = lambda image, mask, prompt, seed: task.run(image, mask, prompt, **_opts(seed)).images[0]  # noqa
+    task = Inpaint(_load(ModelKind.INPAINTING))
     hit = kept = 0
     for case, (scene, asked, index, box) in enumerate(inpaint_cases(n, res)):
         x0, y0, x1, y1 = box
         mask = np.zeros((res, res), np.uint8)
         mask[y0:y1, x0:x1] = 255
         image = PIL.Image.fromarray(render(scene, res))
-        out = np.asarray(generate(image, PIL.Image.fromarray(mask), asked.caption(), case))
+        out = np.asarray(task.run(image, PIL.Image.fromarray(mask), asked.caption(), **_opts(case)).images[0])
         hit += inpaint_ok(out, asked, index, box)
         kept += np.array_equal(out[mask == 0], np.asarray(image)[mask == 0])
     return {"new_object": round(100 * hit / n, 1), "outside_unchanged": round(100 * kept / n, 1), "cases": n}
