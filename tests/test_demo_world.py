@@ -233,3 +233,12 @@ def test_inpaint_criterion_needs_the_asked_object_in_the_mask():
             assert not S.inpaint_ok(render(elsewhere, 64), asked, i, box)
             moved += 1
     assert moved > 5
+
+
+def test_decoder_ceiling_judges_the_prompts_pictures_as_given_back():
+    """The ceiling is the txt2img prompts' exact pictures through a round trip: a lossless one scores 100,
+    a blurring one loses the shapes (edges) and keeps the colours."""
+    assert S.score_ceiling(30, round_trip=lambda im: im) == {
+        "background": 100.0, "colour": 100.0, "shape": 100.0, "count": 100.0, "pictures": 30}
+    blurred = S.score_ceiling(30, round_trip=lambda im: cv2.GaussianBlur(im, (0, 0), 2))
+    assert blurred["shape"] < 10 and blurred["colour"] == 100.0

@@ -56,6 +56,10 @@ def _targets(scores: dict) -> list[str]:
         got = scores.get(part, {}).get(figure)
         mark = "" if got is None else (" (met)" if got >= least else " (**not met**)")
         rows.append(f"| {part} | {figure} | >= {least} % | {'-' if got is None else f'{got} %'}{mark} |")
+    ceiling = scores.get("ceiling", {})
+    for figure in ("background", "colour", "shape", "count") if ceiling else ():
+        rows.append(f"| reference: the prompts' exact pictures through the VAE | {figure} | (no target) | "
+                    f"{ceiling[figure]} % |")
     up = scores.get("upscale", {})
     if up:
         gain = up.get("gain_db")

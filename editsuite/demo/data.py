@@ -55,15 +55,22 @@ def heldout_scenes(n: int, seed: int, **mix) -> list[Scene]:
     return out
 
 
-def heldout_prompts(n: int = 200) -> list[str]:
-    """The txt2img evaluation prompts: distinct captions of held-out scenes, with their own seed."""
+def heldout_prompt_scenes(n: int = 200) -> list[Scene]:
+    """The scenes of the txt2img evaluation prompts: distinct captions of held-out scenes, own seed."""
     rng = np.random.default_rng(HELDOUT_SEED)
-    out: list[str] = []
+    out: list[Scene] = []
+    captions: set[str] = set()
     while len(out) < n:
         s = sample_scene(rng)
-        if held_out(s) and s.caption() not in out:
-            out.append(s.caption())
+        if held_out(s) and s.caption() not in captions:
+            captions.add(s.caption())
+            out.append(s)
     return out
+
+
+def heldout_prompts(n: int = 200) -> list[str]:
+    """The txt2img evaluation prompts."""
+    return [s.caption() for s in heldout_prompt_scenes(n)]
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:

@@ -4,6 +4,9 @@ Every case is held-out content (`data.held_out`: combinations no training stage 
 - txt2img: `data.heldout_prompts`, 2 seeds each, 20 steps, default guidance: % of pictures with the right
   background, object colours, shapes (strict: fit, aspect, dents, edge, stated place and size; no extra
   object) and object count (`evaluate.judge`); objects averaged within a picture.
+- ceiling: the same prompts' exact pictures, encoded and decoded by the base's VAE, judged the same way: what
+  the decoder gives back of the right answers (a UNet whose latents match the encoder's would score about
+  this, not 100 %).
 - inpaint: a mask over one object's box and a prompt naming a new colour and shape (a held-out combination on
   that background): % of cases where the picture then holds exactly one object of that colour, reading as that
   shape, centred inside the mask, and as many objects as the scene has; and % with every pixel outside the
@@ -25,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
-from editsuite.demo.data import HELD_TRIPLES, heldout_prompts, heldout_scenes
+from editsuite.demo.data import HELD_TRIPLES, heldout_prompt_scenes, heldout_prompts, heldout_scenes
 from editsuite.demo.evaluate import analyse, judge, labels, object_faults
 from editsuite.demo.scenes import COLOURS, SHAPES, Scene, parse, render
 
@@ -50,6 +53,38 @@ def _load(kind):
 
 def _opts(seed: int) -> dict:
     return {"steps": RUN["steps"], "scheduler": RUN["scheduler"], "seed": seed}
+
+
+def _vae_round_trip():
+    """The base model's VAE, encode (the mean) then decode, float32: a picture as the decoder can give it back."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from editsuite import ModelKind
+    from editsuite.demo import FOLDERS, demo_model
+
+    folder = demo_model(ModelKind.BASE) if FAMILY is None else FAMILY / FOLDERS[ModelKind.BASE]
+    vae = AutoencoderKL.from_pretrained(folder / "vae").float().eval()
+
+    def round_trip(image: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
+        with torch.no_grad():
+            y = vae.decode(vae.encode(x).latent_dist.mean).sample[0]
+        return ((y.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+
+    return round_trip
+
+
+def score_ceiling(n: int, round_trip=None, res: int = 64) -> dict:
+    """The txt2img prompts' exact pictures, given back by the base's VAE (or `round_trip`), judged as txt2img
+    is: what the decoder gives back of the right answers (its blurred edges count against the shape)."""
+    round_trip = round_trip or _vae_round_trip()
+    totals = {"background": 0.0, "colour": 0.0, "shape": 0.0, "count": 0.0}
+    scenes = heldout_prompt_scenes(n)
+    for scene in scenes:
+        for k, v in judge(analyse(round_trip(render(scene, res))), parse(scene.caption())).items():
+            totals[k] += v
+    return {k: round(100 * v / len(scenes), 1) for k, v in totals.items()} | {"pictures": len(scenes)}
 
 
 def score_txt2img(n: int, seeds=(0, 1)) -> dict:
@@ -210,7 +245,7 @@ def score_upscale(n: int, low: int = 32) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=200, help="txt2img prompts and inpaint cases (outpaint/upscale: n/2)")
-    ap.add_argument("--only", choices=("txt2img", "inpaint", "outpaint", "upscale"), action="append")
+    ap.add_argument("--only", choices=("txt2img", "ceiling", "inpaint", "outpaint", "upscale"), action="append")
     ap.add_argument("--out", default=None, help="write the scores as JSON here")
     ap.add_argument("--family", type=Path, default=None, help="a folder with base/, inpainting/, upscaler/ "
                     "(default: the installed family)")
@@ -222,7 +257,8 @@ def main(argv=None) -> None:
     global FAMILY
     FAMILY = args.family
     RUN.update(dtype=args.dtype, steps=args.steps, scheduler=args.scheduler, cache_interval=args.cache_interval)
-    parts = {"txt2img": lambda: score_txt2img(args.n), "inpaint": lambda: score_inpaint(args.n),
+    parts = {"txt2img": lambda: score_txt2img(args.n), "ceiling": lambda: score_ceiling(args.n),
+             "inpaint": lambda: score_inpaint(args.n),
              "outpaint": lambda: score_outpaint(args.n // 2) | {
                  f"null_{name}": score_outpaint(args.n // 2, generate=g)["background_continuous"]
                  for name, g in NULL_OUTPAINTS.items()},
