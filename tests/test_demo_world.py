@@ -3,10 +3,12 @@ and fails wrong pictures (each way of being wrong, on purpose), and training nev
 
 import cv2
 import numpy as np
+import PIL.Image
 import pytest
 
 from editsuite.demo import score as S
-from editsuite.demo.data import HELD_PAIRS, HELD_TRIPLES, held_out, heldout_prompts, heldout_scenes, scenes
+from editsuite.demo.data import (HELD_PAIRS, HELD_TRIPLES, held_out, heldout_prompt_scenes, heldout_prompts,
+                                 heldout_scenes, scenes)
 from editsuite.demo.evaluate import analyse, classify_shape, judge
 from editsuite.demo.scenes import COLOURS, PLACES, SHAPES, SIZES, Obj, Scene, parse, render, sample_scene
 
@@ -242,3 +244,67 @@ def test_decoder_ceiling_judges_the_prompts_pictures_as_given_back():
         "background": 100.0, "colour": 100.0, "shape": 100.0, "count": 100.0, "pictures": 30}
     blurred = S.score_ceiling(30, round_trip=lambda im: cv2.GaussianBlur(im, (0, 0), 2))
     assert blurred["shape"] < 10 and blurred["colour"] == 100.0
+
+
+def test_a_background_of_no_named_colour_fails_the_background_criterion():
+    """The caption's objects drawn right on a grey or cyan background: once the border's commonest named
+    colour (a blend along an object's edge) could pass for the background."""
+    for i, prompt_scene in enumerate(heldout_prompt_scenes(30)):
+        picture = render(prompt_scene, 64)
+        picture[(picture == COLOURS[prompt_scene.background]).all(-1)] = [(128, 128, 128), (0, 200, 200)][i % 2]
+        got = judge(analyse(picture), parse(prompt_scene.caption()))
+        assert got["background"] == 0.0, (prompt_scene.caption(), got)
+
+
+@pytest.mark.parametrize("odd", [(128, 128, 128), (140, 80, 40), (255, 150, 200)])
+def test_an_object_of_no_named_colour_is_an_extra_object(odd):
+    """A grey, brown or pink square beside the caption's object: no named colour, still an object."""
+    rng = np.random.default_rng(sum(odd))
+    for _ in range(30):
+        o = sample_scene(rng, two_objects=0.0).objects[0]
+        scene = Scene(sample_scene(rng, two_objects=0.0).background, (Obj(o.colour, o.shape, o.size, "left"),))
+        if scene.background == o.colour:
+            continue
+        picture = render(scene, 64)
+        assert judge(analyse(picture), parse(scene.caption())) == ALL_RIGHT
+        cv2.rectangle(picture, (42, 26), (54, 38), odd, -1)
+        got = judge(analyse(picture), parse(scene.caption()))
+        assert got == {"background": 1.0, "colour": 0.0, "shape": 0.0, "count": 0.0}, (scene.caption(), got)
+
+
+def test_outpaint_fails_an_object_reaching_past_the_feather_zone():
+    """A new object centred in the feather zone but reaching into the scored zone fails; the same object
+    kept inside the feather zone does not count against the new area."""
+    failed = 0
+    for scene in heldout_scenes(20, 7):
+        true = _true_outpaint(PIL.Image.fromarray(render(scene, 64)), "", "right", 32, 0)
+        spare = next(c for c in COLOURS if c not in {scene.background, *(o.colour for o in scene.objects)})
+        assert S.outpaint_ok(true, scene, "right", 32)
+        reaching = true.copy()
+        cv2.circle(reaching, (72, 32), 12, COLOURS[spare], -1)  # centre in the feather zone (64-80), edge at 84
+        failed += not S.outpaint_ok(reaching, scene, "right", 32)
+    assert failed == 20
+
+
+def test_every_training_draw_avoids_held_out_content(monkeypatch):
+    """The training stages' drawing helpers (whole renders, crops, upscaler pairs and pictures) render only
+    scenes that show no held-out content."""
+    from editsuite.demo import train
+
+    drawn = []
+
+    def render_checked(scene, *args, **kwargs):
+        assert not held_out(scene), scene.caption()
+        drawn.append(scene)
+        return render(scene, *args, **kwargs)
+
+    monkeypatch.setattr(train, "render", render_checked)
+    trainer = train.Trainer.__new__(train.Trainer)
+    trainer.rng, trainer.scale = np.random.default_rng(0), 1.0
+    trainer.renders(300, two_objects=0.6)
+    trainer.both(200)
+    trainer.hi_crops(200)
+    trainer.pairs(200, 64)
+    for _ in range(4):
+        trainer.up_pictures(20)
+    assert len(drawn) > 1000

@@ -12,7 +12,9 @@ Every case is held-out content (`data.held_out`: combinations no training stage 
   shape, centred inside the mask, and as many objects as the scene has; and % with every pixel outside the
   mask unchanged.
 - outpaint: extend by half the side on one side: % of cases whose new area beyond the feather zone is the
-  background's colour (OUTPAINT_BACKGROUND of its pixels) and holds no object of its own. The null generators
+  background's colour (OUTPAINT_BACKGROUND of its pixels) and no object reaches into it. The prompt is the
+  scene's own caption, whose objects all lie in the original picture: the cases ask for the background to go
+  on, never for a new object (a model that only stretched the edge would be right here). The null generators
   (flat grey, noise) score there too, as a check of the criterion.
 - upscale x4: 32 -> 128 px against the exact 128 px render: mean PSNR, and the same for Lanczos.
 """
@@ -178,9 +180,9 @@ def outpaint_ok(picture: np.ndarray, scene: Scene, side: str, amount: int) -> bo
     lab = labels(picture)
     if (lab[zone] == list(COLOURS).index(scene.background)).mean() < OUTPAINT_BACKGROUND:
         return False
-    for f in analyse(picture).objects:
+    for f in analyse(picture).objects:  # the caption's objects all lie in the original: any object here is new
         x, y, bw, bh = f.box
-        if zone[int(y + bh / 2), int(x + bw / 2)]:
+        if zone[y:y + bh, x:x + bw].any():
             return False
     return True
 
