@@ -46,8 +46,8 @@ def _thresholds() -> str:
     fit = ", ".join(f"{k} {v}" for k, v in E.FIT_MIN.items())
     return (f"Thresholds: FIT_MIN {fit}; ASPECT_MAX {E.ASPECT_MAX}; SOLIDITY_MIN {E.SOLIDITY_MIN}; EDGE_MAX "
             f"{E.EDGE_MAX} px (measured {E.EDGE_RING} px either side of the outline); PLACE_TOLERANCE "
-            f"{E.PLACE_TOLERANCE:.2f} and SIZE_TOLERANCE {E.SIZE_TOLERANCE} of the side; BORDER_MIN {E.BORDER_MIN:.0%} of the "
-            f"border; BLEND_DISTANCE {E.BLEND_DISTANCE:.0f} (RGB); outpaint: the zone beyond "
+            f"{E.PLACE_TOLERANCE:.2f} and SIZE_TOLERANCE {E.SIZE_TOLERANCE} of the side; BORDER_MIN "
+            f"{E.BORDER_MIN:.0%} of the border; BLEND_DISTANCE {E.BLEND_DISTANCE:.0f} (RGB); outpaint: the zone beyond "
             f"the {FEATHER} px feather, OUTPAINT_BACKGROUND {OUTPAINT_BACKGROUND:.0%} of its pixels.")
 
 

@@ -199,9 +199,9 @@ def _foreign(px: np.ndarray, lab: np.ndarray, bg: int, colours: set[int], min_ar
     at least `min_area` of the picture and more than an outline (it survives a 3x3 erosion)."""
     h, w = lab.shape
     odd = lab == -1
+    rel = px - _PALETTE[bg]
     for k in colours:  # take out the blends: near an object, pixels near the line from the background to it
         d = _PALETTE[k] - _PALETTE[bg]
-        rel = px - _PALETTE[bg]
         t = np.clip((rel @ d) / max(float(d @ d), 1e-6), 0, 1)
         near = cv2.dilate((lab == k).astype(np.uint8), np.ones((3, 3), np.uint8), iterations=EDGE_RING) > 0
         odd &= ~near | (np.linalg.norm(rel - t[..., None] * d, axis=-1) >= BLEND_DISTANCE)

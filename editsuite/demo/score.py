@@ -43,12 +43,16 @@ FAMILY = None  # --family: score the three folders in this folder instead of the
 RUN = {"dtype": "float32", "steps": 20, "scheduler": None, "cache_interval": 1}
 
 
-def _load(kind):
-    from editsuite.bundle.loader import load_bundle
+def _folder(kind) -> Path:
     from editsuite.demo import FOLDERS, demo_model
 
-    folder = demo_model(kind) if FAMILY is None else FAMILY / FOLDERS[kind]
-    bundle = load_bundle(folder, device="cpu", dtype=RUN["dtype"])
+    return demo_model(kind) if FAMILY is None else FAMILY / FOLDERS[kind]
+
+
+def _load(kind):
+    from editsuite.bundle.loader import load_bundle
+
+    bundle = load_bundle(_folder(kind), device="cpu", dtype=RUN["dtype"])
     bundle.cache_interval = RUN["cache_interval"]
     return bundle
 
@@ -63,10 +67,8 @@ def _vae_round_trip():
     from diffusers import AutoencoderKL
 
     from editsuite import ModelKind
-    from editsuite.demo import FOLDERS, demo_model
 
-    folder = demo_model(ModelKind.BASE) if FAMILY is None else FAMILY / FOLDERS[ModelKind.BASE]
-    vae = AutoencoderKL.from_pretrained(folder / "vae").float().eval()
+    vae = AutoencoderKL.from_pretrained(_folder(ModelKind.BASE) / "vae").float().eval()
 
     def round_trip(image: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
@@ -81,27 +83,23 @@ def score_ceiling(n: int, round_trip=None, res: int = 64) -> dict:
     """The txt2img prompts' exact pictures, given back by the base's VAE (or `round_trip`), judged as txt2img
     is: what the decoder gives back of the right answers (its blurred edges count against the shape)."""
     round_trip = round_trip or _vae_round_trip()
-    totals = {"background": 0.0, "colour": 0.0, "shape": 0.0, "count": 0.0}
     scenes = heldout_prompt_scenes(n)
-    for scene in scenes:
-        for k, v in judge(analyse(round_trip(render(scene, res))), parse(scene.caption())).items():
-            totals[k] += v
-    return {k: round(100 * v / len(scenes), 1) for k, v in totals.items()} | {"pictures": len(scenes)}
+    judged = [judge(analyse(round_trip(render(s, res))), parse(s.caption())) for s in scenes]
+    return _percent(judged) | {"pictures": len(scenes)}
+
+
+def _percent(judged: list[dict]) -> dict:
+    """Each criterion of `judge`, as % of the pictures judged."""
+    return {k: round(100 * sum(j[k] for j in judged) / len(judged), 1) for k in judged[0]}
 
 
 def score_txt2img(n: int, seeds=(0, 1)) -> dict:
     from editsuite import ModelKind, Txt2Img
 
     task = Txt2Img(_load(ModelKind.BASE))
-    totals = {"background": 0.0, "colour": 0.0, "shape": 0.0, "count": 0.0}
-    runs = 0
-    for prompt in heldout_prompts(n):
-        spec = parse(prompt)
-        for seed in seeds:
-            for k, v in judge(analyse(task.run(prompt, **_opts(seed)).images[0]), spec).items():
-                totals[k] += v
-            runs += 1
-    return {k: round(100 * v / runs, 1) for k, v in totals.items()} | {"runs": runs}
+    judged = [judge(analyse(task.run(prompt, **_opts(seed)).images[0]), parse(prompt))
+              for prompt in heldout_prompts(n) for seed in seeds]
+    return _percent(judged) | {"runs": len(judged)}
 
 
 def _mask_box(scene: Scene, index: int, res: int, margin: int = 4) -> tuple[int, int, int, int]:
