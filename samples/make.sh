@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Rebuild every file in samples/: inputs drawn by the demo world's renderer, outputs made by the CLI
 # with the built-in demo model. Run from the repository root with editsuite installed.
+# studio.png, the studio's page after an inpaint, comes from its browser test:
+#   EDITSUITE_STUDIO_SCREENSHOT=$PWD/samples/studio.png python -m pytest tests/test_studio.py -k paints_a_mask
 set -euo pipefail
 cd "$(dirname "$0")"
 scene="a small red circle at the left and a green square, on a blue background"

@@ -308,3 +308,30 @@ def test_every_training_draw_avoids_held_out_content(monkeypatch):
     for _ in range(4):
         trainer.up_pictures(20)
     assert len(drawn) > 1000
+
+
+def test_the_card_marks_each_target_met_or_not_in_every_column():
+    from editsuite.demo.card import _targets
+
+    scores = {"txt2img": {"background": 99.2, "colour": 62.6, "shape": 16.4, "count": 90.0},
+              "ceiling": {"background": 100.0, "colour": 100.0, "shape": 72.2, "count": 100.0},
+              "upscale": {"gain_db": 1.17}}
+    rows = _targets(scores, [("at guidance 3", {"txt2img": {"background": 94.9, "colour": 90.0}})])
+    assert "| part | figure | target | measured | at guidance 3 |" in rows
+    assert "| txt2img | background | >= 95 % | 99.2 % (met) | 94.9 % (**not met**) |" in rows
+    assert "| txt2img | colour | >= 90 % | 62.6 % (**not met**) | 90.0 % (met) |" in rows
+    assert "| txt2img | count | >= 90 % | 90.0 % (met) | - |" in rows
+    assert "| inpaint | new_object | >= 80 % | - | - |" in rows
+    assert "| reference: the prompts' exact pictures through the VAE | shape | (no target) | 72.2 % | - |" in rows
+    assert "| upscale | gain over Lanczos | >= 2 dB | 1.17 dB (**not met**) | - |" in rows
+
+
+def test_the_installed_cards_state_todays_hold_out_and_rules():
+    """A card written before the split or the rules changed would list other combinations or thresholds."""
+    from editsuite.demo import FOLDERS, demo_model
+    from editsuite.demo.card import _held, _thresholds
+
+    for kind in FOLDERS:
+        text = (demo_model(kind) / "README.md").read_text()
+        assert _held() in text and _thresholds() in text, kind
+        assert "trained before the content split" not in text, kind

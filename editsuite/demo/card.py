@@ -51,25 +51,30 @@ def _thresholds() -> str:
             f"the {FEATHER} px feather, OUTPAINT_BACKGROUND {OUTPAINT_BACKGROUND:.0%} of its pixels.")
 
 
-def _targets(scores: dict) -> list[str]:
-    rows = ["| part | figure | target | measured |", "|---|---|---|---|"]
-    for part, figure, least in TARGETS:
-        got = scores.get(part, {}).get(figure)
+def _targets(scores: dict, also: list[tuple[str, dict]] = ()) -> list[str]:
+    """The targets table; `also`: (label, scores) of other runs (another guidance, say), a column each."""
+    def cell(got, least, unit="%"):
         mark = "" if got is None else (" (met)" if got >= least else " (**not met**)")
-        rows.append(f"| {part} | {figure} | >= {least} % | {'-' if got is None else f'{got} %'}{mark} |")
+        return f"{'-' if got is None else f'{got} {unit}'}{mark}"
+
+    heads = "".join(f" {label} |" for label, _ in also)
+    rows = [f"| part | figure | target | measured |{heads}", "|---|---|---|---|" + "---|" * len(also)]
+    for part, figure, least in TARGETS:
+        cells = [cell(s.get(part, {}).get(figure), least) for s in (scores, *(a for _, a in also))]
+        rows.append(f"| {part} | {figure} | >= {least} % | " + " | ".join(cells) + " |")
     ceiling = scores.get("ceiling", {})
     for figure in ("background", "colour", "shape", "count") if ceiling else ():
         rows.append(f"| reference: the prompts' exact pictures through the VAE | {figure} | (no target) | "
-                    f"{ceiling[figure]} % |")
+                    f"{ceiling[figure]} % |" + " - |" * len(also))
     up = scores.get("upscale", {})
     if up:
-        gain = up.get("gain_db")
-        mark = " (met)" if gain >= 2 else " (**not met**)"
-        rows.append(f"| upscale | gain over Lanczos | >= 2 dB | {gain} dB{mark} |")
+        gain = cell(up.get("gain_db"), 2, "dB")
+        rows.append(f"| upscale | gain over Lanczos | >= 2 dB | {gain} |" + " - |" * len(also))
     return rows
 
 
-def card(name: str, times: dict, scores: dict, total_mb: float, notes: list[str] = ()) -> str:
+def card(name: str, times: dict, scores: dict, total_mb: float, notes: list[str] = (),
+         also: list[tuple[str, dict]] = ()) -> str:
     minutes = round(times.get("total", 0) / 60)
     lines = [
         f"# editsuite demo model: {name}",
@@ -100,8 +105,10 @@ def card(name: str, times: dict, scores: dict, total_mb: float, notes: list[str]
     lines += ["", "## How it is scored", CASES.split("\n\n", 1)[1].strip(), "", "The evaluator's rules "
               "(`editsuite.demo.evaluate`):", "", RULES.split("\n\n", 1)[1].strip(), "", _thresholds()]
     if scores:
-        lines += ["", "## Scores (`python -m editsuite.demo.score`)", *_targets(scores), "", "Every figure:", "```",
-                  json.dumps(scores, indent=2), "```"]
+        lines += ["", "## Scores (`python -m editsuite.demo.score`)", *_targets(scores, also), "", "Every figure:",
+                  "```", json.dumps(scores, indent=2), "```"]
+        for label, more in also:
+            lines += ["", f"Every figure, {label}:", "```", json.dumps(more, indent=2), "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -111,16 +118,19 @@ def main(argv=None) -> None:
     ap.add_argument("--scores", type=Path, default=None)
     ap.add_argument("--note", action="append", default=[], help="a line added under the training time (how it was "
                     "measured, what it was trained on); repeatable")
+    ap.add_argument("--also", action="append", default=[], metavar="LABEL=FILE",
+                    help="another run's scores (another guidance, say) as a column of the targets table; repeatable")
     args = ap.parse_args(argv)
     times: dict = {}
     for f in sorted(args.work.glob("times-*.json")):  # one file per `--stage` run, or one for `all`
         times.update({k: v for k, v in json.loads(f.read_text()).items() if k != "total"})
     times["total"] = sum(times.values())
     scores = json.loads(args.scores.read_text()) if args.scores else {}
+    also = [(label, json.loads(Path(file).read_text())) for label, _, file in (a.partition("=") for a in args.also)]
     folders = [ROOT / n for n in ROLE]
     total_mb = sum(folder_size(f) for f in folders) / 2**20
     for f in folders:
-        (f / "README.md").write_text(card(f.name, times, scores, total_mb, args.note))
+        (f / "README.md").write_text(card(f.name, times, scores, total_mb, args.note, also))
         print(f"wrote {f / 'README.md'}")
 
 

@@ -39,8 +39,9 @@ OUTPAINT_BACKGROUND = 0.9  # share of the scored zone's pixels that must be the 
 
 
 FAMILY = None  # --family: score the three folders in this folder instead of the installed family
-# --dtype, --steps, --scheduler, --cache-interval (float32, 20, the model's own, off: the figures of issue 3)
-RUN = {"dtype": "float32", "steps": 20, "scheduler": None, "cache_interval": 1}
+# --dtype, --steps, --scheduler, --cache-interval (float32, 20, the model's own, off: the figures of issue 3),
+# --guidance (None: each task's default, as a user gets it)
+RUN = {"dtype": "float32", "steps": 20, "scheduler": None, "cache_interval": 1, "guidance": None}
 
 
 def _folder(kind) -> Path:
@@ -57,8 +58,11 @@ def _load(kind):
     return bundle
 
 
-def _opts(seed: int) -> dict:
-    return {"steps": RUN["steps"], "scheduler": RUN["scheduler"], "seed": seed}
+def _opts(seed: int, guided: bool = True) -> dict:
+    """The run's settings for one case; `guided`: a prompt-guided task (not the x4 upscaler, whose own
+    default guidance stays)."""
+    opts = {"steps": RUN["steps"], "scheduler": RUN["scheduler"], "seed": seed}
+    return opts | ({"guidance_scale": RUN["guidance"]} if guided and RUN["guidance"] is not None else {})
 
 
 def _vae_round_trip():
@@ -235,7 +239,7 @@ def score_upscale(n: int, low: int = 32) -> dict:
     for case, scene in enumerate(heldout_scenes(n, 5)):
         small = PIL.Image.fromarray(render(scene, low))
         truth = render(scene, 4 * low)
-        out = task.run(small, **_opts(case)).images[0]
+        out = task.run(small, **_opts(case, guided=False)).images[0]
         ours.append(psnr(np.asarray(out), truth))
         lanczos.append(psnr(np.asarray(small.resize((4 * low, 4 * low), PIL.Image.LANCZOS)), truth))
     return {"psnr": round(float(np.mean(ours)), 2), "lanczos_psnr": round(float(np.mean(lanczos)), 2),
@@ -253,10 +257,12 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--scheduler", default=None, help="default: the model's own")
     ap.add_argument("--cache-interval", type=int, default=1)
+    ap.add_argument("--guidance", type=float, default=None, help="txt2img, inpaint, outpaint (default: the tasks' own)")
     args = ap.parse_args(argv)
     global FAMILY
     FAMILY = args.family
-    RUN.update(dtype=args.dtype, steps=args.steps, scheduler=args.scheduler, cache_interval=args.cache_interval)
+    RUN.update(dtype=args.dtype, steps=args.steps, scheduler=args.scheduler, cache_interval=args.cache_interval,
+               guidance=args.guidance)
     parts = {"txt2img": lambda: score_txt2img(args.n), "ceiling": lambda: score_ceiling(args.n),
              "inpaint": lambda: score_inpaint(args.n),
              "outpaint": lambda: score_outpaint(args.n // 2) | {
