@@ -126,7 +126,11 @@ def main(argv=None) -> None:
         times.update({k: v for k, v in json.loads(f.read_text()).items() if k != "total"})
     times["total"] = sum(times.values())
     scores = json.loads(args.scores.read_text()) if args.scores else {}
-    also = [(label, json.loads(Path(file).read_text())) for label, _, file in (a.partition("=") for a in args.also)]
+    also = []
+    for label, eq, file in (a.partition("=") for a in args.also):
+        if not (label and eq and Path(file).is_file()):
+            ap.error(f"--also {label}{eq}{file}: give LABEL=FILE, FILE a scores JSON that exists")
+        also.append((label, json.loads(Path(file).read_text())))
     folders = [ROOT / n for n in ROLE]
     total_mb = sum(folder_size(f) for f in folders) / 2**20
     for f in folders:
