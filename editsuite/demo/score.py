@@ -65,14 +65,15 @@ def _opts(seed: int, guided: bool = True) -> dict:
     return opts | ({"guidance_scale": RUN["guidance"]} if guided and RUN["guidance"] is not None else {})
 
 
-def _vae_round_trip():
-    """The base model's VAE, encode (the mean) then decode, float32: a picture as the decoder can give it back."""
+def _vae_round_trip(folder: Path | None = None):
+    """The base model's VAE (or the one in `folder`), encode (the mean) then decode, float32: a picture as the
+    decoder can give it back."""
     import torch
     from diffusers import AutoencoderKL
 
     from editsuite import ModelKind
 
-    vae = AutoencoderKL.from_pretrained(_folder(ModelKind.BASE) / "vae").float().eval()
+    vae = AutoencoderKL.from_pretrained(folder or _folder(ModelKind.BASE) / "vae").float().eval()
 
     def round_trip(image: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
