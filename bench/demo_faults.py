@@ -15,15 +15,7 @@ from pathlib import Path
 from editsuite.demo import evaluate as E
 from editsuite.demo import score as S
 from editsuite.demo.data import heldout_prompts
-from editsuite.demo.scenes import SIZES, parse
-
-
-def shape_rules(f: E.Found, asked: str) -> str:
-    broke = [f"nearest={f.nearest}"] if f.nearest != asked else []
-    rules = (("fit", f.fit < E.FIT_MIN.get(f.nearest, 0.8)), ("aspect", f.aspect > E.ASPECT_MAX),
-             ("dents", f.solidity < E.SOLIDITY_MIN), ("edge", f.edge > E.EDGE_MAX))
-    broke += [name for name, bad in rules if bad]
-    return "shape: " + "+".join(broke)
+from editsuite.demo.scenes import parse
 
 
 def faults(picture, prompt: str) -> list[str]:
@@ -34,11 +26,13 @@ def faults(picture, prompt: str) -> list[str]:
         if len(mine) != 1:
             out.append("colour missing" if not mine else "colour twice")
         elif mine[0].shape != want["shape"]:
-            out.append(shape_rules(mine[0], want["shape"]))
+            f = mine[0]
+            broke = ([f"nearest={f.nearest}"] if f.nearest != want["shape"] else []) + E.broken_rules(
+                f.nearest, f.fit, f.aspect, f.solidity, f.edge)
+            out.append("shape: " + "+".join(broke))
         else:
-            wrong = E.object_faults(mine[0], want, found.size)
-            kinds = sorted({"size" if w.split()[1] in SIZES else "place" for w in wrong})
-            out.append("not at its " + "+".join(kinds) if kinds else "ok")
+            wrong = sorted(E.object_faults(mine[0], want, found.size))  # "place", "size": the shape is right
+            out.append("not at its " + "+".join(wrong) if wrong else "ok")
     return out
 
 

@@ -121,8 +121,15 @@ def read_shape(mask: np.ndarray, edge: float = 0.0) -> tuple[str, str, float, fl
     nearest, fit = nearest_shape(mask)
     h, w = mask.shape
     aspect, dents = max(h, w) / max(1, min(h, w)), solidity(mask)
-    blob = fit < FIT_MIN[nearest] or aspect > ASPECT_MAX or edge > EDGE_MAX or dents < SOLIDITY_MIN
+    blob = bool(broken_rules(nearest, fit, aspect, dents, edge))
     return ("blob" if blob else nearest), nearest, fit, aspect, dents
+
+
+def broken_rules(nearest: str, fit: float, aspect: float, dents: float, edge: float) -> list[str]:
+    """The rules (fit, aspect, dents, edge) by which a silhouette nearest to `nearest` reads as a blob."""
+    rules = {"fit": fit < FIT_MIN[nearest], "aspect": aspect > ASPECT_MAX, "dents": dents < SOLIDITY_MIN,
+             "edge": edge > EDGE_MAX}
+    return [name for name, broken in rules.items() if broken]
 
 
 def classify_shape(mask: np.ndarray, edge: float = 0.0) -> tuple[str, float]:
@@ -215,23 +222,24 @@ def _foreign(px: np.ndarray, lab: np.ndarray, bg: int, colours: set[int], min_ar
     return out
 
 
-def object_faults(found: Found, want: dict, size: tuple[int, int]) -> list[str]:
-    """Why `found` is not the caption's object `want` ({colour, shape, size, place}): [] where it is."""
-    faults = []
+def object_faults(found: Found, want: dict, size: tuple[int, int]) -> dict[str, str]:
+    """Why `found` is not the caption's object `want` ({colour, shape, size, place}), by criterion ("shape",
+    "place", "size": what is wrong): empty where it is that object."""
+    faults = {}
     if found.shape != want["shape"]:
-        faults.append(f"reads as {found.shape} (nearest {found.nearest}, fit {found.fit:.2f}, aspect "
-                      f"{found.aspect:.2f}, solidity {found.solidity:.2f}, edge {found.edge:.1f} px)")
+        faults["shape"] = (f"reads as {found.shape} (nearest {found.nearest}, fit {found.fit:.2f}, aspect "
+                           f"{found.aspect:.2f}, solidity {found.solidity:.2f}, edge {found.edge:.1f} px)")
     w, h = size
     x, y, bw, bh = found.box
     if want.get("place"):
         px, py = PLACES[want["place"]]
         dx, dy = (x + bw / 2) / w - px, (y + bh / 2) / h - py
         if max(abs(dx), abs(dy)) > PLACE_TOLERANCE:
-            faults.append(f"not {want['place']} (centre off by {dx:+.2f}, {dy:+.2f} of the side)")
+            faults["place"] = f"not {want['place']} (centre off by {dx:+.2f}, {dy:+.2f} of the side)"
     if want.get("size"):
         side = max(bw / w, bh / h)
         if abs(side - SIZES[want["size"]]) > SIZE_TOLERANCE:
-            faults.append(f"not {want['size']} (side {side:.2f} of the picture's)")
+            faults["size"] = f"not {want['size']} (side {side:.2f} of the picture's)"
     return faults
 
 

@@ -66,8 +66,8 @@ def _opts(seed: int, guided: bool = True) -> dict:
 
 
 def _vae_round_trip(folder: Path | None = None):
-    """The base model's VAE (or the one in `folder`), encode (the mean) then decode, float32: a picture as the
-    decoder can give it back."""
+    """The base model's VAE (or the VAE folder `folder`), encode (the mean) then decode, float32: a picture as
+    the decoder can give it back."""
     import torch
     from diffusers import AutoencoderKL
 
