@@ -40,8 +40,8 @@ OUTPAINT_BACKGROUND = 0.9  # share of the scored zone's pixels that must be the 
 
 FAMILY = None  # --family: score the three folders in this folder instead of the installed family
 # --dtype, --steps, --scheduler, --cache-interval (float32, 20, the model's own, off: the figures of issue 3),
-# --guidance (None: each task's default, as a user gets it)
-RUN = {"dtype": "float32", "steps": 20, "scheduler": None, "cache_interval": 1, "guidance": None}
+# --guidance (None: each task's default, as a user gets it), --device (cpu: the cards' figures)
+RUN = {"dtype": "float32", "steps": 20, "scheduler": None, "cache_interval": 1, "guidance": None, "device": "cpu"}
 
 
 def _folder(kind) -> Path:
@@ -53,7 +53,7 @@ def _folder(kind) -> Path:
 def _load(kind):
     from editsuite.bundle.loader import load_bundle
 
-    bundle = load_bundle(_folder(kind), device="cpu", dtype=RUN["dtype"])
+    bundle = load_bundle(_folder(kind), device=RUN["device"], dtype=RUN["dtype"])
     bundle.cache_interval = RUN["cache_interval"]
     return bundle
 
@@ -259,11 +259,13 @@ def main(argv=None) -> None:
     ap.add_argument("--scheduler", default=None, help="default: the model's own")
     ap.add_argument("--cache-interval", type=int, default=1)
     ap.add_argument("--guidance", type=float, default=None, help="txt2img, inpaint, outpaint (default: the tasks' own)")
+    ap.add_argument("--device", default="cpu", help="where the models run (the cards' figures: cpu)")
     args = ap.parse_args(argv)
     global FAMILY
     FAMILY = args.family
     RUN.update(dtype=args.dtype, steps=args.steps, scheduler=args.scheduler, cache_interval=args.cache_interval,
-               guidance=args.guidance)
+               guidance=args.guidance,
+               device=args.device)
     parts = {"txt2img": lambda: score_txt2img(args.n), "ceiling": lambda: score_ceiling(args.n),
              "inpaint": lambda: score_inpaint(args.n),
              "outpaint": lambda: score_outpaint(args.n // 2) | {

@@ -363,6 +363,16 @@ def _slim(folder: Path) -> None:
 STAGES = ("vae", "vaetune", "base", "inpaint", "upvae", "upscaler", "updecoder", "export")
 
 
+def run_stage(trainer: Trainer, stage: str) -> float:
+    """One stage; returns its seconds. Each stage has its own seed, so running stages one by one gives what
+    `--stage all` gives."""
+    s0 = time.time()
+    trainer.rng = np.random.default_rng(TRAIN_SEED + STAGES.index(stage))
+    torch.manual_seed(TRAIN_SEED + STAGES.index(stage))
+    getattr(trainer, stage)()
+    return time.time() - s0
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", default="all", choices=("all",) + STAGES)
@@ -380,12 +390,7 @@ def main(argv=None) -> None:
     t0 = time.time()
     times = {}
     for stage in STAGES if args.stage == "all" else (args.stage,):
-        s0 = time.time()
-        # each stage has its own seed, so running stages one by one gives what `--stage all` gives
-        trainer.rng = np.random.default_rng(TRAIN_SEED + STAGES.index(stage))
-        torch.manual_seed(TRAIN_SEED + STAGES.index(stage))
-        getattr(trainer, stage)()
-        times[stage] = round(time.time() - s0)
+        times[stage] = round(run_stage(trainer, stage))
         log(f"stage {stage} done in {times[stage]} s")
     log(f"total {time.time() - t0:.0f} s")
     (args.work / f"times-{args.stage}.json").write_text(json.dumps({**times, "total": round(time.time() - t0)}))
