@@ -34,10 +34,10 @@ def main(argv=None) -> None:
         train_unet = T.train_unet
         T.train_unet = lambda *a, **k: train_unet(*a, **k | {"batch": args.batch})
     vae = AutoencoderKL.from_pretrained(demo_model(ModelKind.BASE) / "vae", torch_dtype=torch.float32)
-    for work in (args.work, args.work / "probe"):
-        vae.save_pretrained(work / "vae")
+    vae.save_pretrained(args.work / "vae")
     scale = args.scale
     if args.seconds:
+        vae.save_pretrained(args.work / "probe" / "vae")
         probe = T.run_stage(T.Trainer(args.work / "probe", 0.02), "base")  # 60 steps on 800 scenes
         per_step = probe / 60
         scale = min(scale, args.seconds / (3000 * per_step))

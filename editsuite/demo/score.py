@@ -264,8 +264,7 @@ def main(argv=None) -> None:
     global FAMILY
     FAMILY = args.family
     RUN.update(dtype=args.dtype, steps=args.steps, scheduler=args.scheduler, cache_interval=args.cache_interval,
-               guidance=args.guidance,
-               device=args.device)
+               guidance=args.guidance, device=args.device)
     parts = {"txt2img": lambda: score_txt2img(args.n), "ceiling": lambda: score_ceiling(args.n),
              "inpaint": lambda: score_inpaint(args.n),
              "outpaint": lambda: score_outpaint(args.n // 2) | {
