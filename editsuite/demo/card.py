@@ -12,6 +12,7 @@ from editsuite.demo.data import HELD_PAIRS, HELD_TRIPLES
 from editsuite.demo.data import __doc__ as SPLIT
 from editsuite.demo.evaluate import __doc__ as RULES
 from editsuite.demo.scenes import __doc__ as GRAMMAR
+from editsuite.demo.train import STAGES
 from editsuite.demo.score import __doc__ as CASES
 
 # the targets of issue 24: (part, figure, at least)
@@ -124,6 +125,7 @@ def main(argv=None) -> None:
     times: dict = {}
     for f in sorted(args.work.glob("times-*.json")):  # one file per `--stage` run, or one for `all`
         times.update({k: v for k, v in json.loads(f.read_text()).items() if k != "total"})
+    times = {k: times[k] for k in STAGES if k in times}  # in the recipe's order, whichever files they came from
     times["total"] = sum(times.values())
     scores = json.loads(args.scores.read_text()) if args.scores else {}
     also = []
