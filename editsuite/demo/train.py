@@ -116,9 +116,10 @@ class Trainer:
             t.save_pretrained(self.work / "text_encoder")
 
         # 6000 steps of batch 32 on 80000 scenes: the pictures of 3000 steps of batch 64 on 40000 (the recipe
-        # before), in twice the steps at 0.33-0.47 s a step against 0.61. Measured by bench/demo_budget.py on the
-        # first 100 held-out prompts x 2 seeds: colour 65.2 -> 77.2-80.0 %, shape 19.0 -> 27.2-27.5 %, count
-        # 82.0 -> 86.0-90.5 %, background 100 -> 98 %; the stage takes about 1.45x the 3000-step stage's time.
+        # before), in twice the steps at 0.33-0.47 s a step against 0.61: 2642 s on a quiet day against 2523 s.
+        # Measured on the held-out score (bench/demo-b32-family, 200 prompts x 2 seeds, default guidance): colour
+        # 62.6 -> 76.4 %, shape 16.4 -> 27.1 %, count 81.0 -> 87.5 %, background 99.2 -> 96.2 %; but outpaint
+        # 67 -> 50 % (the base draws the caption's objects in the new area too) and inpaint 48.5 -> 42.5 %.
         # Steps matter more than batch here: 4x the batch at 3000 steps (a lent GPU) gave only +5 colour, +3 shape
         save(*train_unet(unet, te, steps=self.n(6000), batch=32, make_batch=batch, sched=sched, name="base",
                          lr=6e-4, train_text=True, offset=OFFSET_NOISE, checkpoint=save))
