@@ -12,8 +12,8 @@ from editsuite.demo.data import HELD_PAIRS, HELD_TRIPLES
 from editsuite.demo.data import __doc__ as SPLIT
 from editsuite.demo.evaluate import __doc__ as RULES
 from editsuite.demo.scenes import __doc__ as GRAMMAR
-from editsuite.demo.train import STAGES
 from editsuite.demo.score import __doc__ as CASES
+from editsuite.demo.train import STAGES
 
 # the targets of issue 24: (part, figure, at least)
 TARGETS = [("txt2img", "background", 95), ("txt2img", "colour", 90), ("txt2img", "shape", 85),
