@@ -170,6 +170,15 @@ def _in_fresh_memory(bundle):
     return bundle
 
 
+def _alike(single, whole):
+    """Both bundles in fresh memory (`_in_fresh_memory`), their four modules holding equal weights."""
+    single, whole = _in_fresh_memory(single), _in_fresh_memory(whole)
+    for name in ("text_encoder", "text_encoder_2", "unet_model", "vae"):
+        a, b = getattr(single.backend, name).state_dict(), getattr(whole.backend, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    return single, whole
+
+
 def test_single_file_sdxl_gives_the_same_picture_as_its_folder(tmp_path):
     """The tiny SDXL written in Stability's original layout (tests/ldm_layout.py) loads offline and paints
     exactly what its diffusers folder paints. Its sizes are not SDXL's, so its config folder is passed, as a
@@ -182,11 +191,8 @@ def test_single_file_sdxl_gives_the_same_picture_as_its_folder(tmp_path):
     path = tmp_path / "tiny-xl.safetensors"
     save_file(to_ldm_xl_checkpoint(c["unet"], c["vae"], c["text_encoder"], c["text_encoder_2"]), str(path))
     single, whole = load_bundle(path, dtype="float32", config=folder), load_bundle(folder, dtype="float32")
-    single, whole = _in_fresh_memory(single), _in_fresh_memory(whole)
+    single, whole = _alike(single, whole)
     assert single.manifest.xl and single.tokenizer_2.pad_token == "!"
-    for name in ("text_encoder", "text_encoder_2", "unet_model", "vae"):
-        a, b = getattr(single.backend, name).state_dict(), getattr(whole.backend, name).state_dict()
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     run = dict(steps=STEPS, guidance_scale=GUIDANCE, seed=SEED)
     assert_parity(editsuite.Txt2Img(single).run("a lighthouse", **run).images[0],
                   editsuite.Txt2Img(whole).run("a lighthouse", **run).images[0])
@@ -213,11 +219,8 @@ def test_single_file_sdxl_inpainting_gives_the_same_picture_as_its_folder(tmp_pa
     save_file(checkpoint, str(tmp_path / "tiny-xl-inpainting.safetensors"))
     single = load_bundle(tmp_path / "tiny-xl-inpainting.safetensors", dtype="float32", config=tmp_path / "folder")
     whole = load_bundle(tmp_path / "folder", dtype="float32")
-    single, whole = _in_fresh_memory(single), _in_fresh_memory(whole)
+    single, whole = _alike(single, whole)
     assert single.manifest.xl and single.kind.value == "inpainting" and single.manifest.unet_in_channels == 9
-    for name in ("text_encoder", "text_encoder_2", "unet_model", "vae"):
-        a, b = getattr(single.backend, name).state_dict(), getattr(whole.backend, name).state_dict()
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     picture, mask = _picture_and_mask()
     run = dict(strength=1.0, steps=STEPS, seed=SEED, guidance_scale=GUIDANCE, overlay=False)
     assert_parity(editsuite.Inpaint(single).run(picture, mask, "a bench", **run).images[0],
